@@ -1,0 +1,1 @@
+"""lmcache_disagg.transfer"""
