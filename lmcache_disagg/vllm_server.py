@@ -98,7 +98,6 @@ class VLLMServer:
             "--dtype", spec.dtype,
             "--max-model-len", str(spec.max_model_len),
             "--seed", "0",
-            "--disable-log-stats",
         ]  # fmt: skip
         if spec.enforce_eager:
             cmd.append("--enforce-eager")
