@@ -1,0 +1,152 @@
+"""Page-granular buffers: D's :class:`ReceivePool` and P's :class:`SendPool` (staging pages).
+
+Both are one contiguous torch ``uint8`` tensor ``[n_pages, page_bytes]`` allocated once, so NIXL
+registers each exactly once and the TCP path can ``recv_into``/``sendmsg`` straight from a
+memoryview of it. All methods are thread-safe (one lock, held for O(pages) bookkeeping only).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from lmcache_disagg.transfer.errors import DeadlineExceeded, DuplicateTransfer, NoRoom
+
+__all__ = ["ReceivePool", "SendPage", "SendPool", "allocate_pages"]
+
+logger = logging.getLogger(__name__)
+
+
+def allocate_pages(n_pages: int, page_bytes: int, device: str) -> torch.Tensor:
+    """``device`` is "cpu", "pinned" (page-locked host; falls back to cpu without CUDA) or "cuda"."""
+    if n_pages <= 0 or page_bytes <= 0:
+        raise ValueError(f"pool needs >= 1 page of >= 1 byte, got {n_pages} x {page_bytes}")
+    if device == "cuda":
+        return torch.empty((n_pages, page_bytes), dtype=torch.uint8, device="cuda")
+    if device == "pinned":
+        try:
+            return torch.empty((n_pages, page_bytes), dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            logger.warning("pinned memory unavailable (%s); using pageable host memory", exc)
+    return torch.empty((n_pages, page_bytes), dtype=torch.uint8)
+
+
+def host_view(pages: torch.Tensor) -> memoryview | None:
+    """A flat writable memoryview over a host tensor (None for device memory)."""
+    if pages.device.type != "cpu":
+        return None
+    return memoryview(pages.numpy()).cast("B")  # type: ignore[arg-type]
+
+
+class ReceivePool:
+    """D's receive pool. Reservations are all-or-nothing and carry an expiry time.
+
+    Called from D's control thread (reserve/expired) and the connector (release, via
+    :meth:`KVReceiver.release`). Expiry is only *reported* here (:meth:`expired`); the receiver decides
+    when the pages may be reused (never while a frame is still being written into them).
+    """
+
+    def __init__(self, n_pages: int, page_bytes: int, device: str = "cpu") -> None:
+        self.pages = allocate_pages(n_pages, page_bytes, device)
+        self.n_pages = n_pages
+        self.page_bytes = page_bytes
+        self.view = host_view(self.pages)
+        self._lock = threading.Lock()
+        # LIFO free list keeps recently used (cache-warm) pages in play.
+        self._free = list(range(n_pages - 1, -1, -1))
+        self._owned: dict[str, list[int]] = {}
+        self._expiry: dict[str, float] = {}
+
+    def reserve(self, transfer_id: str, n_pages: int, ttl: float) -> list[int]:
+        """Reserve ``n_pages`` pages for ``ttl`` seconds; raises NoRoom / DuplicateTransfer."""
+        if n_pages <= 0 or n_pages > self.n_pages:
+            raise NoRoom(f"cannot reserve {n_pages} pages in a pool of {self.n_pages}")
+        with self._lock:
+            if transfer_id in self._owned:
+                raise DuplicateTransfer(f"transfer {transfer_id!r} already holds pages")
+            if len(self._free) < n_pages:
+                raise NoRoom(
+                    f"receive pool full: {n_pages} pages wanted, {len(self._free)} of "
+                    f"{self.n_pages} free"
+                )
+            pages = [self._free.pop() for _ in range(n_pages)]
+            self._owned[transfer_id] = pages
+            self._expiry[transfer_id] = time.monotonic() + ttl
+            return pages
+
+    def release(self, transfer_id: str) -> None:
+        """Return the transfer's pages to the pool. Idempotent."""
+        with self._lock:
+            pages = self._owned.pop(transfer_id, None)
+            self._expiry.pop(transfer_id, None)
+            if pages:
+                self._free.extend(reversed(pages))
+
+    def extend(self, transfer_id: str, ttl: float) -> None:
+        """Restart the TTL of a held reservation (no-op when not held)."""
+        with self._lock:
+            if transfer_id in self._expiry:
+                self._expiry[transfer_id] = time.monotonic() + ttl
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Ids whose TTL has passed (still held until released)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [tid for tid, deadline in self._expiry.items() if deadline <= now]
+
+    def occupancy(self) -> int:
+        """Pages in use."""
+        with self._lock:
+            return self.n_pages - len(self._free)
+
+    def holders(self) -> list[str]:
+        with self._lock:
+            return list(self._owned)
+
+
+@dataclass(eq=False)
+class SendPage:
+    """One staging page of P. ``data`` is a ``uint8 [page_bytes]`` view; fill ``data[:nbytes]``."""
+
+    index: int
+    data: torch.Tensor
+
+
+class SendPool:
+    """P's staging pages. ``acquire`` blocks (with a deadline) until a page frees up."""
+
+    def __init__(self, n_pages: int, page_bytes: int, device: str = "cpu") -> None:
+        self.pages = allocate_pages(n_pages, page_bytes, device)
+        self.n_pages = n_pages
+        self.page_bytes = page_bytes
+        self.view = host_view(self.pages)
+        self._pages = [SendPage(i, self.pages[i]) for i in range(n_pages)]
+        self._free = list(range(n_pages))
+        self._cond = threading.Condition()
+
+    def acquire(self, timeout: float) -> SendPage:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._free:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"no staging page freed up within {timeout:.3g}s "
+                        f"({self.n_pages} pages of {self.page_bytes} bytes all in flight)"
+                    )
+                self._cond.wait(remaining)
+            return self._pages[self._free.pop()]
+
+    def release(self, page: SendPage) -> None:
+        with self._cond:
+            if page.index in self._free:
+                return
+            self._free.append(page.index)
+            self._cond.notify()
+
+    def in_use(self) -> int:
+        with self._cond:
+            return self.n_pages - len(self._free)

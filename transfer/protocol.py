@@ -1,0 +1,290 @@
+"""Every wire format of the KV transfer layer (torch-free; the proxy imports it for probes).
+
+Two boundaries share this module:
+
+* **Control plane** (pyzmq DEALER -> ROUTER on D's KV endpoint): msgspec msgpack structs, one tagged
+  union :data:`Request` (P -> D) and one :data:`Reply` (D -> P). Every request carries ``rid`` so P
+  can match replies; every field D receives is bounds-checked before use.
+* **TCP data channel** (plain socket to the ``data_port`` announced in the hello reply): frames with a
+  fixed :data:`FRAME_HEADER_SIZE`-byte header (:data:`FRAME_HEADER`) followed by ``nbytes`` payload
+  bytes that the receiver reads straight into the reserved pool page. The header's checksum is an
+  xxh3-64 over the header's first 40 bytes, the key bytes and the payload, so a bit flip anywhere
+  but in the magic/length fields fails verification (and those fail validation instead).
+
+PROTOCOL_VERSION history (bump on any incompatible change; add fields only at the end, with defaults):
+
+* 1 (2026-11-22): first version: hello/auth/reserve/finish/cancel, TCP frames v1, NIXL notifs v1.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "CONTROL_MAX_MESSAGE",
+    "DTYPE_SIZES",
+    "FRAME_CHUNK",
+    "FRAME_HEADER",
+    "FRAME_HEADER_SIZE",
+    "FRAME_HELLO",
+    "FRAME_MAGIC",
+    "MAX_KEY_BYTES",
+    "MAX_TRANSFER_ID_LEN",
+    "NIXL_NOTIF",
+    "PROTOCOL_VERSION",
+    "Auth",
+    "AuthReply",
+    "Cancel",
+    "CancelReply",
+    "ErrorReply",
+    "Finish",
+    "FinishReply",
+    "Hello",
+    "HelloReply",
+    "LayoutFingerprint",
+    "Reply",
+    "Request",
+    "Reserve",
+    "ReserveReply",
+    "decode_reply",
+    "decode_request",
+    "encode",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+DTYPE_SIZES: Final[dict[str, int]] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+}
+
+MAX_KEY_BYTES: Final = 64
+"""Longest chunk key a frame carries (blake2b-512 fits)."""
+MAX_TRANSFER_ID_LEN: Final = 256
+CONTROL_MAX_MESSAGE: Final = 1 << 20
+"""zmq MAXMSGSIZE on D's control socket: larger messages are dropped by zmq itself."""
+
+
+class LayoutFingerprint(msgspec.Struct, frozen=True):
+    """Everything that must match for P's chunk bytes to mean the same thing on D.
+
+    A canonical chunk page is ``[num_layers, 2 (K, V), chunk_size, num_kv_heads, head_dim]`` in
+    ``dtype``; a partial (last) chunk uses the first ``num_tokens`` token rows of that layout, i.e.
+    the page's first ``nbytes`` bytes when tokens are the outer dimension inside each (layer, K/V).
+    The transfer layer itself only moves bytes; the layout is the connector's contract.
+    """
+
+    model: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    chunk_size: int
+    tp_rank: int
+    tp_size: int
+    kv_layout: str = "canonical-v1"
+
+    @property
+    def itemsize(self) -> int:
+        try:
+            return DTYPE_SIZES[self.dtype]
+        except KeyError:
+            raise ValueError(
+                f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPE_SIZES)}"
+            ) from None
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one FULL chunk page."""
+        return (
+            self.num_layers
+            * 2
+            * self.chunk_size
+            * self.num_kv_heads
+            * self.head_dim
+            * self.itemsize
+        )
+
+    def diff(self, other: LayoutFingerprint) -> list[str]:
+        """Names of the fields whose values differ (empty when compatible)."""
+        return [
+            name for name in self.__struct_fields__ if getattr(self, name) != getattr(other, name)
+        ]
+
+    def validate(self) -> None:
+        """Raise ValueError when a field is out of range (used on peer-supplied fingerprints)."""
+        _ = self.itemsize
+        for name in ("num_layers", "num_kv_heads", "head_dim", "chunk_size", "tp_size"):
+            value = getattr(self, name)
+            if not 0 < value <= 1 << 20:
+                raise ValueError(f"fingerprint field {name}={value} out of range")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"fingerprint tp_rank={self.tp_rank} not in [0, {self.tp_size})")
+        if len(self.model) > 1024 or len(self.kv_layout) > 64:
+            raise ValueError("fingerprint strings too long")
+
+
+# -- control plane: P -> D ----------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """Opens a session. ``nonce`` is P's 32-byte challenge; ``probe`` asks for no session."""
+
+    rid: int
+    version: int
+    fingerprint: LayoutFingerprint | None
+    nonce: bytes
+    want_nixl: bool = False
+    probe: bool = False
+    nixl_agent: str = ""
+    nixl_metadata: bytes = b""
+
+
+class Auth(msgspec.Struct, tag="auth", frozen=True):
+    """P's answer to D's challenge: HMAC(secret, "P" || transcript)."""
+
+    rid: int
+    session: bytes
+    proof: bytes
+
+
+class Reserve(msgspec.Struct, tag="reserve", frozen=True):
+    """One reservation round trip per transfer: ``n_pages`` pages for ``ttl`` seconds."""
+
+    rid: int
+    session: bytes
+    transfer_id: str
+    n_pages: int
+    ttl: float
+
+
+class Finish(msgspec.Struct, tag="finish", frozen=True):
+    """Sent after the last chunk left P; ``n_chunks`` = how many chunks were written (<= reserved).
+
+    D answers once every one of those chunks arrived and verified (or the transfer failed).
+    """
+
+    rid: int
+    session: bytes
+    handle: int
+    n_chunks: int
+
+
+class Cancel(msgspec.Struct, tag="cancel", frozen=True):
+    """Drop the reservation ``handle``; idempotent."""
+
+    rid: int
+    session: bytes
+    handle: int
+
+
+Request = Hello | Auth | Reserve | Finish | Cancel
+
+
+# -- control plane: D -> P ----------------------------------------------------------------------
+
+
+class HelloReply(msgspec.Struct, tag="hello_reply", frozen=True):
+    """D's half of the handshake.
+
+    ``proof`` is HMAC(secret, "D" || transcript) when D has a cluster secret, else empty. Without a
+    secret the session is usable at once; with one, only after :class:`Auth` succeeded.
+    ``nixl_agent``/``nixl_metadata``/``pool_base`` are empty/0 when D offers no NIXL.
+    """
+
+    rid: int
+    version: int
+    fingerprint: LayoutFingerprint
+    nonce: bytes
+    proof: bytes
+    auth_required: bool
+    session: bytes
+    data_port: int
+    page_bytes: int
+    n_pages: int
+    nixl_agent: str = ""
+    nixl_metadata: bytes = b""
+    pool_base: int = 0
+    nixl_mem: str = "DRAM"
+    nixl_dev: int = 0
+
+
+class AuthReply(msgspec.Struct, tag="auth_reply", frozen=True):
+    rid: int
+    ok: bool
+
+
+class ReserveReply(msgspec.Struct, tag="reserve_reply", frozen=True):
+    """``pages`` are pool page indices in slot order (slot i -> pages[i])."""
+
+    rid: int
+    handle: int
+    pages: list[int]
+
+
+class FinishReply(msgspec.Struct, tag="finish_reply", frozen=True):
+    """``state`` is "COMPLETE" or "FAILED" (with ``reason``)."""
+
+    rid: int
+    state: str
+    reason: str = ""
+
+
+class CancelReply(msgspec.Struct, tag="cancel_reply", frozen=True):
+    rid: int
+
+
+class ErrorReply(msgspec.Struct, tag="error", frozen=True):
+    """A refused request. ``kind`` is an errors.py ``reason`` (e.g. "no_room", "fingerprint")."""
+
+    rid: int
+    kind: str
+    message: str
+    fields: list[str] = []
+
+
+Reply = HelloReply | AuthReply | ReserveReply | FinishReply | CancelReply | ErrorReply
+
+_ENCODER = msgspec.msgpack.Encoder()
+_REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
+_REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(message: Request | Reply) -> bytes:
+    return _ENCODER.encode(message)
+
+
+def decode_request(data: bytes) -> Request:
+    """Raises msgspec.DecodeError / ValidationError on anything malformed."""
+    return _REQUEST_DECODER.decode(data)
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _REPLY_DECODER.decode(data)
+
+
+# -- TCP data frames ----------------------------------------------------------------------------
+
+FRAME_MAGIC: Final = b"LMKV"
+FRAME_CHUNK: Final = 1
+"""A chunk: payload of ``nbytes`` follows the header."""
+FRAME_HELLO: Final = 2
+"""First frame on a data connection: ``key`` holds the session id, ``nbytes`` = 0."""
+
+# magic, version, kind, flags, handle, slot, index, nbytes, num_tokens, key_len, reserved, checksum,
+# key (zero padded to MAX_KEY_BYTES). The checksum covers bytes [0, 40) + key[:key_len] + payload.
+FRAME_HEADER: Final = struct.Struct(f"<4sBBHQIIQIHHQ{MAX_KEY_BYTES}s")
+FRAME_HEADER_SIZE: Final = FRAME_HEADER.size
+FRAME_CHECKSUM_SPAN: Final = 40
+
+# NIXL notification attached to each WRITE: b"K" + struct below + key[:key_len].
+NIXL_NOTIF: Final = struct.Struct("<cQIIQIH")

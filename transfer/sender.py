@@ -1,0 +1,867 @@
+"""P side: :class:`KVSender` pushes chunk pages into a receiver's reserved pool pages.
+
+Threads: one ``lmcd-tx-<host:port>`` data thread per connected receiver drains that peer's bounded
+write queue (TCP ``sendmsg`` or NIXL WRITE), so :meth:`PushHandle.write` returns at once and the send
+overlaps the caller's compute. Control requests (hello, reserve, cancel) run synchronously on the
+caller's thread under the peer's control lock; finish replies arrive asynchronously and are pumped
+by :meth:`PushHandle.status` and by the data thread when idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import itertools
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import zmq
+from lmcache_disagg.transfer import auth
+from lmcache_disagg.transfer.errors import (
+    AuthenticationFailed,
+    DeadlineExceeded,
+    DuplicateTransfer,
+    FingerprintMismatch,
+    NoRoom,
+    PeerClosed,
+    PeerUnreachable,
+    ProtocolViolation,
+    TargetNotAllowed,
+    TransferError,
+)
+from lmcache_disagg.transfer.metrics import TransferMetrics
+from lmcache_disagg.transfer.pool import SendPage, SendPool
+from lmcache_disagg.transfer.protocol import (
+    FRAME_CHUNK,
+    FRAME_HEADER_SIZE,
+    FRAME_HELLO,
+    MAX_KEY_BYTES,
+    NIXL_NOTIF,
+    PROTOCOL_VERSION,
+    Auth,
+    AuthReply,
+    Cancel,
+    ErrorReply,
+    Finish,
+    FinishReply,
+    Hello,
+    HelloReply,
+    LayoutFingerprint,
+    Reply,
+    Request,
+    Reserve,
+    ReserveReply,
+    decode_reply,
+    encode,
+)
+from lmcache_disagg.transfer.state import PushState, PushStatus
+from lmcache_disagg.transfer.tcp_channel import (
+    Stopped,
+    pack_header,
+    send_all,
+    set_io_timeouts,
+)
+from prometheus_client import CollectorRegistry
+
+from lmcache_disagg.config import LMCacheDisaggConfig
+
+if TYPE_CHECKING:
+    from lmcache_disagg.transfer.nixl_agent import NixlAgent
+
+__all__ = ["KVSender", "PushHandle"]
+
+logger = logging.getLogger(__name__)
+
+_ERRORS: dict[str, type[TransferError]] = {
+    cls.reason: cls
+    for cls in (
+        AuthenticationFailed,
+        DuplicateTransfer,
+        FingerprintMismatch,
+        NoRoom,
+        PeerClosed,
+        ProtocolViolation,
+        TargetNotAllowed,
+    )
+}
+_STOP = object()
+_IDLE_PUMP = 0.05
+
+
+def _raise_error_reply(reply: ErrorReply) -> None:
+    cls = _ERRORS.get(reply.kind, TransferError)
+    if cls is FingerprintMismatch:
+        raise FingerprintMismatch(reply.message, reply.fields)
+    raise cls(reply.message)
+
+
+def _make_reserve(rid: int, *, session: bytes, transfer_id: str, n: int, ttl: float) -> Request:
+    return Reserve(rid, session, transfer_id, n, ttl)
+
+
+def split_target(target: str) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TargetNotAllowed(f"push target {target!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Peer:
+    """One receiver: its control socket, session, data channel and data thread."""
+
+    def __init__(self, sender: KVSender, target: str) -> None:
+        self.sender = sender
+        self.target = target
+        self.host, self.port = split_target(target)
+        assert sender._ctx is not None
+        self.ctl = sender._ctx.socket(zmq.DEALER)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        self.ctl.connect(f"tcp://{self.host}:{self.port}")
+        self.ctl_lock = threading.Lock()
+        self.rids = itertools.count(1)
+        self.pending: dict[int, Callable[[Reply], None]] = {}
+        self.session = b""
+        self.channel = "tcp"
+        self.data_sock: socket.socket | None = None
+        self.nixl_remote = ""
+        self.pool_base = 0
+        self.remote_mem = "DRAM"
+        self.remote_dev = 0
+        self.remote_pages = 0
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=sender.send_pool.n_pages * 2 + 64)
+        self.thread: threading.Thread | None = None
+        self.broken = ""
+        self.handles: set[PushHandle] = set()
+        self.handles_lock = threading.Lock()
+
+    # -- control requests (caller thread) --------------------------------------------------------
+
+    def request(self, make: Callable[[int], Request], timeout: float, what: str) -> Reply:
+        """Send one request and wait for its reply (other replies are dispatched meanwhile)."""
+        deadline = time.monotonic() + timeout
+        if not self.ctl_lock.acquire(timeout=timeout):
+            raise DeadlineExceeded(f"{what}: control channel to {self.target} busy")
+        try:
+            if self.ctl.closed:
+                raise PeerClosed(f"control channel to {self.target} is closed")
+            rid = next(self.rids)
+            try:
+                self.ctl.send(encode(make(rid)), zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                raise PeerUnreachable(f"{what}: cannot send to {self.target}: {exc}") from exc
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.ctl.poll(max(1, int(remaining * 1000))):
+                    raise DeadlineExceeded(
+                        f"{what}: no reply from {self.target} within {timeout:.3g}s"
+                    )
+                reply = self._recv()
+                if reply is None:
+                    continue
+                if reply.rid == rid:
+                    return reply
+                self._dispatch(reply)
+        finally:
+            self.ctl_lock.release()
+
+    def send_async(self, make: Callable[[int], Request], callback: Callable[[Reply], None]) -> None:
+        with self.ctl_lock:
+            rid = next(self.rids)
+            if self.ctl.closed:
+                raise PeerClosed(f"control channel to {self.target} is closed")
+            self.pending[rid] = callback
+            try:
+                self.ctl.send(encode(make(rid)), zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self.pending.pop(rid, None)
+                raise PeerClosed(f"cannot send to {self.target}: {exc}") from exc
+
+    def pump(self) -> None:
+        """Dispatch any replies that arrived (non-blocking; skipped when another thread pumps)."""
+        if not self.ctl_lock.acquire(blocking=False):
+            return
+        try:
+            while not self.ctl.closed and self.ctl.poll(0):
+                reply = self._recv()
+                if reply is not None:
+                    self._dispatch(reply)
+        finally:
+            self.ctl_lock.release()
+
+    def _recv(self) -> Reply | None:
+        try:
+            return decode_reply(self.ctl.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.sender.metrics.failure("protocol")
+            return None
+
+    def _dispatch(self, reply: Reply) -> None:
+        callback = self.pending.pop(reply.rid, None)
+        if callback is not None:
+            callback(reply)
+        elif isinstance(reply, ReserveReply):
+            # A reservation whose caller already gave up: hand the pages straight back.
+            rid = next(self.rids)
+            with contextlib.suppress(zmq.ZMQError):
+                self.ctl.send(encode(Cancel(rid, self.session, reply.handle)), zmq.NOBLOCK)
+
+    # -- data thread ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"lmcd-tx-{self.target}", daemon=True)
+        self.thread.start()
+
+    def enqueue(self, item: Any, deadline: float) -> None:
+        try:
+            self.queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full as exc:
+            raise DeadlineExceeded(f"send queue to {self.target} full until the deadline") from exc
+
+    def _run(self) -> None:
+        sender = self.sender
+        stop = sender._stop
+        try:
+            if self.channel == "nixl":
+                self._run_nixl(stop)
+            else:
+                self._run_tcp(stop)
+        except Stopped:
+            pass
+        except TransferError as exc:
+            self.mark_broken(exc.reason, str(exc))
+        except Exception as exc:
+            logger.exception("KV send thread for %s failed", self.target)
+            self.mark_broken("internal", str(exc))
+        finally:
+            self._drain_queue()
+            self._close_sockets()
+            self.sender._thread_exited(self)
+
+    def _next(self, stop: threading.Event, timeout: float) -> Any:
+        if self.broken:
+            return _STOP
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            self.pump()
+            self.check_deadlines()
+            if stop.is_set():
+                return _STOP
+            return None
+
+    def _run_tcp(self, stop: threading.Event) -> None:
+        sender = self.sender
+        sock = self.data_sock
+        assert sock is not None and sender.send_pool.view is not None
+        view = sender.send_pool.view
+        page_bytes = sender.send_pool.page_bytes
+        header = bytearray(FRAME_HEADER_SIZE)
+        metrics = sender.metrics
+        while True:
+            item = self._next(stop, _IDLE_PUMP)
+            if item is None:
+                continue
+            if item is _STOP:
+                return
+            if item[0] == "finish":
+                self._send_finish(item[1])
+                continue
+            _, handle, index, page, nbytes, num_tokens, key = item
+            try:
+                if handle.state is not PushState.PENDING:
+                    continue
+                start = page.index * page_bytes
+                payload = view[start : start + nbytes]
+                pack_header(
+                    header,
+                    FRAME_CHUNK,
+                    handle.handle,
+                    index,
+                    index,
+                    nbytes,
+                    num_tokens,
+                    key,
+                    payload,
+                )
+                send_all(sock, (header, payload), handle.deadline, stop)
+                metrics.chunks_total.inc()
+                metrics.bytes_total.inc(nbytes)
+            finally:
+                sender._release_page(page)
+
+    def _run_nixl(self, stop: threading.Event) -> None:
+        sender = self.sender
+        agent = sender._nixl
+        assert agent is not None
+        page_bytes = sender.send_pool.page_bytes
+        remote_page_bytes = sender.fingerprint.page_bytes
+        inflight: list[tuple[Any, SendPage, PushHandle, int]] = []
+        finishing: list[PushHandle] = []
+        metrics = sender.metrics
+
+        def reap() -> None:
+            still = []
+            for xfer, page, handle, nbytes in inflight:
+                state = agent.check(xfer)
+                if state == "PROC":
+                    still.append((xfer, page, handle, nbytes))
+                    continue
+                agent.release_xfer(xfer)
+                sender._release_page(page)
+                if state == "DONE":
+                    metrics.chunks_total.inc()
+                    metrics.bytes_total.inc(nbytes)
+                else:
+                    handle._fail("nixl_error")
+            inflight[:] = still
+            busy = {id(h) for _, _, h, _ in inflight}
+            for handle in list(finishing):
+                if id(handle) not in busy:
+                    finishing.remove(handle)
+                    self._send_finish(handle)
+
+        while True:
+            item = self._next(stop, 0.0005 if inflight else _IDLE_PUMP)
+            if inflight or finishing:
+                reap()
+            if item is None:
+                continue
+            if item is _STOP:
+                return
+            if item[0] == "finish":
+                finishing.append(item[1])
+                reap()
+                continue
+            _, handle, index, page, nbytes, num_tokens, key = item
+            if handle.state is not PushState.PENDING:
+                sender._release_page(page)
+                continue
+            notif = NIXL_NOTIF.pack(b"K", handle.handle, index, index, nbytes, num_tokens, len(key))
+            remote_addr = self.pool_base + handle.pages[index] * remote_page_bytes
+            try:
+                xfer = agent.write(
+                    local_addr=agent.local_base + page.index * page_bytes,
+                    remote_addr=remote_addr,
+                    nbytes=nbytes,
+                    remote_agent=self.nixl_remote,
+                    remote_mem=self.remote_mem,
+                    remote_dev=self.remote_dev,
+                    notif=notif + key,
+                )
+            except Exception as exc:
+                sender._release_page(page)
+                raise PeerClosed(f"NIXL WRITE to {self.target} failed: {exc}") from exc
+            inflight.append((xfer, page, handle, nbytes))
+
+    def _send_finish(self, handle: PushHandle) -> None:
+        if handle.state is not PushState.PENDING:
+            return
+        self.send_async(
+            lambda rid: Finish(rid, self.session, handle.handle, handle.n_written),
+            handle._on_finish_reply,
+        )
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[0] == "chunk":
+                self.sender._release_page(item[3])
+
+    def check_deadlines(self) -> None:
+        now = time.monotonic()
+        with self.handles_lock:
+            handles = list(self.handles)
+        for handle in handles:
+            if handle.state is PushState.PENDING and now > handle.deadline:
+                handle._fail("deadline")
+                handle._cancel_remote()
+
+    def mark_broken(self, reason: str, message: str) -> None:
+        if not self.broken:
+            logger.warning("KV push path to %s broken (%s): %s", self.target, reason, message)
+        self.broken = reason
+        self.sender._forget_peer(self)
+        with self.handles_lock:
+            handles = list(self.handles)
+        for handle in handles:
+            handle._fail(reason)
+        if self.data_sock is not None:
+            with contextlib.suppress(OSError):
+                self.data_sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop the data thread (if any) and close the sockets. Called by the sender only."""
+        if self.thread is not None:
+            try:
+                self.queue.put(_STOP, timeout=1.0)
+            except queue.Full:
+                self.broken = self.broken or "closed"
+            self.thread.join(timeout=5)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        if self.data_sock is not None:
+            self.data_sock.close()
+        with self.ctl_lock:
+            if not self.ctl.closed:
+                self.ctl.close(0)
+        if self.nixl_remote and self.sender._nixl is not None:
+            try:
+                self.sender._nixl.remove_remote(self.nixl_remote)
+            except Exception as exc:
+                logger.debug("NIXL remove_remote(%s) failed: %s", self.nixl_remote, exc)
+            self.nixl_remote = ""
+
+
+class PushHandle:
+    """One push of ``n_chunks`` chunks into a reservation on D (from :meth:`KVSender.open`).
+
+    Thread-safety: write/finish/cancel are called by one producer thread; status() may be called
+    from any thread. A handle that failed (peer died, deadline) silently drops further writes
+    (returning their pages) so the producer never blocks on a dead peer; status() says why.
+    """
+
+    def __init__(
+        self,
+        peer: _Peer,
+        transfer_id: str,
+        handle: int,
+        pages: list[int],
+        n_chunks: int,
+        deadline: float,
+    ) -> None:
+        self._peer = peer
+        self.transfer_id = transfer_id
+        self.handle = handle
+        self.pages = pages
+        self.n_chunks = n_chunks
+        self.deadline = deadline
+        self.state = PushState.PENDING
+        self.reason = ""
+        self.n_written = 0
+        self._written = bytearray(n_chunks)
+        self._finished = False
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def write(self, index: int, page: SendPage, nbytes: int, num_tokens: int, key: bytes) -> None:
+        """Queue chunk ``index`` (``page.data[:nbytes]``) for sending; returns immediately.
+
+        The page goes back to the sender's pool once sent (or dropped). Raises ValueError on bad
+        arguments and TransferError after finish()/cancel() or when the queue stays full past the
+        push deadline.
+        """
+        sender = self._peer.sender
+        if not 0 <= index < self.n_chunks:
+            sender._release_page(page)
+            raise ValueError(f"chunk index {index} outside [0, {self.n_chunks})")
+        if not 0 < nbytes <= sender.send_pool.page_bytes or len(key) > MAX_KEY_BYTES:
+            sender._release_page(page)
+            raise ValueError(f"bad chunk: {nbytes} bytes, key of {len(key)} bytes")
+        if sender._pages_by_index.get(page.index) is not page:
+            raise ValueError("page does not come from this sender's acquire_page()")
+        if self._finished or self._cancelled:
+            sender._release_page(page)
+            raise TransferError(f"write after finish/cancel on transfer {self.transfer_id!r}")
+        if self._written[index]:
+            sender._release_page(page)
+            raise ValueError(f"chunk {index} of {self.transfer_id!r} written twice")
+        if self.state is not PushState.PENDING:
+            sender._release_page(page)
+            return
+        self._written[index] = 1
+        self.n_written += 1
+        try:
+            self._peer.enqueue(("chunk", self, index, page, nbytes, num_tokens, key), self.deadline)
+        except DeadlineExceeded:
+            sender._release_page(page)
+            self._fail("deadline")
+
+    def finish(self) -> None:
+        """Mark the end of the writes: chunks [0, n_written) must all have been written."""
+        if self._finished or self._cancelled:
+            return
+        self._finished = True
+        if self.n_written == 0 or self._written[: self.n_written].count(1) != self.n_written:
+            self._fail("incomplete")
+            self._cancel_remote()
+            raise ValueError(
+                f"finish() needs chunks 0..n-1 written; got {self.n_written} non-contiguous chunks"
+            )
+        if self.state is PushState.PENDING:
+            try:
+                self._peer.enqueue(("finish", self), self.deadline)
+            except DeadlineExceeded:
+                self._fail("deadline")
+
+    def cancel(self) -> None:
+        """Abort: D drops the reservation. Idempotent, best effort, never raises."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._fail("cancelled")
+        self._cancel_remote()
+
+    def status(self) -> PushStatus:
+        """Non-blocking: PENDING, DONE (D verified every chunk) or FAILED(reason)."""
+        if self.state is PushState.PENDING:
+            self._peer.pump()
+            if self.state is PushState.PENDING and time.monotonic() > self.deadline:
+                self._fail("deadline")
+                self._cancel_remote()
+        return PushStatus(self.state, self.reason)
+
+    # -- internal -------------------------------------------------------------------------------
+
+    def _cancel_remote(self) -> None:
+        peer = self._peer
+        if peer.broken:
+            return
+        with contextlib.suppress(TransferError):
+            peer.send_async(lambda rid: Cancel(rid, peer.session, self.handle), lambda _r: None)
+
+    def _fail(self, reason: str) -> None:
+        with self._lock:
+            if self.state is not PushState.PENDING:
+                return
+            self.state = PushState.FAILED
+            self.reason = reason
+        self._peer.sender.metrics.failure(reason)
+        self._peer.sender.metrics.transfer_outcome("failed")
+        self._forget()
+
+    def _on_finish_reply(self, reply: Reply) -> None:
+        if isinstance(reply, FinishReply) and reply.state == "COMPLETE":
+            with self._lock:
+                if self.state is not PushState.PENDING:
+                    return
+                self.state = PushState.DONE
+            self._peer.sender.metrics.transfer_outcome("done")
+            self._forget()
+        elif isinstance(reply, FinishReply):
+            self._fail(reply.reason or "receiver_failed")
+        else:
+            self._fail(reply.kind if isinstance(reply, ErrorReply) else "protocol")
+
+    def _forget(self) -> None:
+        with self._peer.handles_lock:
+            self._peer.handles.discard(self)
+
+
+class KVSender:
+    """Pushes KV chunks to receivers (runs inside P's vLLM worker).
+
+    Lifecycle: construct, :meth:`start`, :meth:`open` pushes, :meth:`shutdown`. Peers (handshake,
+    channel choice, data connection) are cached per target until the path breaks.
+    """
+
+    def __init__(
+        self,
+        config: LMCacheDisaggConfig,
+        fingerprint: LayoutFingerprint,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        fingerprint.validate()
+        self.config = config
+        self.fingerprint = fingerprint
+        self.metrics = TransferMetrics("send", registry)
+        n_pages = max(2, config.send_buffer_size // fingerprint.page_bytes)
+        device = config.pool_device
+        self.send_pool = SendPool(n_pages, fingerprint.page_bytes, device)
+        self._pages_by_index = {p.index: p for p in self.send_pool._pages}
+        self.metrics.pool_pages_total.set(n_pages)
+        self._stop = threading.Event()
+        self._peers: dict[str, _Peer] = {}
+        self._running: set[_Peer] = set()
+        self._peers_lock = threading.Lock()
+        self._connect_locks: dict[str, threading.Lock] = {}
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._nixl: NixlAgent | None = None
+        self._started = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._ctx = zmq.Context()
+        if self.config.channel in ("auto", "nixl"):
+            try:
+                from lmcache_disagg.transfer.nixl_agent import NixlAgent
+
+                agent = NixlAgent(f"lmcd-tx-{secrets.token_hex(6)}", self.config.nixl_backends)
+                agent.register(self.send_pool.pages)
+                self._nixl = agent
+            except Exception as exc:
+                if self.config.channel == "nixl":
+                    raise TransferError(f"channel nixl requested but NIXL failed: {exc}") from exc
+                logger.info("NIXL unavailable (%s); pushing over TCP", exc)
+
+    def shutdown(self) -> None:
+        """Stop data threads, close sockets. Idempotent."""
+        self._stop.set()
+        with self._peers_lock:
+            peers = set(self._peers.values()) | self._running
+            self._peers.clear()
+        for peer in peers:
+            peer.close()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._nixl is not None:
+            self._nixl.close()
+            self._nixl = None
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def acquire_page(self, timeout: float) -> SendPage:
+        """A free staging page (blocks up to ``timeout``; raises DeadlineExceeded)."""
+        page = self.send_pool.acquire(timeout)
+        self.metrics.pool_pages_used.inc()
+        return page
+
+    def _release_page(self, page: SendPage) -> None:
+        self.send_pool.release(page)
+        self.metrics.pool_pages_used.set(self.send_pool.in_use())
+
+    def channel_for(self, target: str) -> str | None:
+        """The channel of the cached session with ``target`` (None when not connected)."""
+        with self._peers_lock:
+            peer = self._peers.get(target)
+        return peer.channel if peer else None
+
+    def open(self, target: str, transfer_id: str, n_chunks: int) -> PushHandle:
+        """Reserve ``n_chunks`` pages on ``target`` for ``transfer_id`` (one round trip).
+
+        Retries while D's pool is full until ``reserve_timeout``. Raises PeerUnreachable,
+        FingerprintMismatch, AuthenticationFailed, NoRoom, DeadlineExceeded, TargetNotAllowed,
+        DuplicateTransfer.
+        """
+        if not self._started or self._stop.is_set():
+            raise TransferError("KVSender is not running")
+        if n_chunks <= 0:
+            raise ValueError("n_chunks must be >= 1")
+        try:
+            self._check_target(target)
+            return self._open(target, transfer_id, n_chunks)
+        except TransferError as exc:
+            self.metrics.failure(exc.reason)
+            raise
+
+    def _check_target(self, target: str) -> None:
+        host, _port = split_target(target)
+        allowlist = self.config.push_allowlist
+        allowed = target in allowlist if allowlist else _is_loopback(host)
+        if not allowed and self.config.cluster_secret is None:
+            raise TargetNotAllowed(
+                f"push target {target} is not in push_allowlist "
+                f"({'loopback only' if not allowlist else ', '.join(allowlist)}) and no "
+                "cluster_secret is set to authenticate it"
+            )
+
+    def _open(self, target: str, transfer_id: str, n_chunks: int) -> PushHandle:
+        started = time.monotonic()
+        deadline = started + self.config.reserve_timeout
+        backoff = 0.002
+        retried_session = False
+        ttl = self.config.reservation_ttl
+        while True:
+            peer = self._peer(target)
+            remaining = deadline - time.monotonic()
+            make_reserve = functools.partial(
+                _make_reserve, session=peer.session, transfer_id=transfer_id, n=n_chunks, ttl=ttl
+            )
+            try:
+                reply = peer.request(make_reserve, max(remaining, 0.001), "reserve")
+            except DeadlineExceeded:
+                peer.mark_broken("deadline", "reservation round trip timed out")
+                raise
+            if isinstance(reply, ReserveReply):
+                break
+            if isinstance(reply, ErrorReply):
+                if reply.kind == "protocol" and "unknown session" in reply.message:
+                    if retried_session:
+                        _raise_error_reply(reply)
+                    retried_session = True
+                    peer.mark_broken("session", reply.message)
+                    continue
+                if reply.kind == "no_room" and time.monotonic() + backoff < deadline:
+                    self.metrics.failure("reserve_retry")
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 0.05)
+                    continue
+                _raise_error_reply(reply)
+            raise ProtocolViolation(f"unexpected reply to reserve: {type(reply).__name__}")
+        if len(reply.pages) != n_chunks or any(
+            not 0 <= page < peer.remote_pages for page in reply.pages
+        ):
+            raise ProtocolViolation("receiver returned a malformed reservation")
+        self.metrics.reserve_wait_seconds.observe(time.monotonic() - started)
+        handle = PushHandle(
+            peer,
+            transfer_id,
+            reply.handle,
+            list(reply.pages),
+            n_chunks,
+            time.monotonic() + self.config.push_deadline,
+        )
+        with peer.handles_lock:
+            peer.handles.add(handle)
+        return handle
+
+    # -- peers ----------------------------------------------------------------------------------
+
+    def _thread_exited(self, peer: _Peer) -> None:
+        with self._peers_lock:
+            self._running.discard(peer)
+
+    def _forget_peer(self, peer: _Peer) -> None:
+        with self._peers_lock:
+            if self._peers.get(peer.target) is peer:
+                del self._peers[peer.target]
+
+    def _peer(self, target: str) -> _Peer:
+        with self._peers_lock:
+            peer = self._peers.get(target)
+            if peer is not None and not peer.broken:
+                return peer
+            lock = self._connect_locks.setdefault(target, threading.Lock())
+        timeout = self.config.connect_timeout + self.config.handshake_timeout
+        if not lock.acquire(timeout=timeout):
+            raise DeadlineExceeded(f"handshake with {target} still in progress")
+        try:
+            with self._peers_lock:
+                peer = self._peers.get(target)
+                if peer is not None and not peer.broken:
+                    return peer
+            peer = _Peer(self, target)
+            try:
+                self._handshake(peer)
+            except BaseException:
+                peer.close()
+                raise
+            with self._peers_lock:
+                self._peers[target] = peer
+                self._running.add(peer)
+            peer.start()
+            return peer
+        finally:
+            lock.release()
+
+    def _handshake(self, peer: _Peer) -> None:
+        config = self.config
+        nonce = auth.make_nonce()
+        nixl = self._nixl
+        try:
+            reply = peer.request(
+                lambda rid: Hello(
+                    rid,
+                    PROTOCOL_VERSION,
+                    self.fingerprint,
+                    nonce,
+                    want_nixl=nixl is not None,
+                    nixl_agent=nixl.name if nixl else "",
+                    nixl_metadata=nixl.metadata() if nixl else b"",
+                ),
+                config.connect_timeout + config.handshake_timeout,
+                "handshake",
+            )
+        except DeadlineExceeded as exc:
+            raise PeerUnreachable(
+                f"KV receiver {peer.target} did not answer the handshake within "
+                f"{config.connect_timeout + config.handshake_timeout:.3g}s"
+            ) from exc
+        if isinstance(reply, ErrorReply):
+            _raise_error_reply(reply)
+        if not isinstance(reply, HelloReply):
+            raise ProtocolViolation(f"unexpected handshake reply {type(reply).__name__}")
+        fields = self.fingerprint.diff(reply.fingerprint)
+        if fields:
+            raise FingerprintMismatch(f"receiver layout differs in {', '.join(fields)}", fields)
+        if reply.page_bytes != self.fingerprint.page_bytes or reply.n_pages <= 0:
+            raise ProtocolViolation("receiver announced an inconsistent pool")
+        secret = config.cluster_secret
+        if secret is not None:
+            if not reply.auth_required or not auth.verify(
+                secret, b"D", reply.proof, nonce, reply.nonce, self.fingerprint, reply.fingerprint
+            ):
+                raise AuthenticationFailed(
+                    f"KV receiver {peer.target} failed to prove the cluster secret"
+                )
+            my_proof = auth.proof(
+                secret, b"P", nonce, reply.nonce, self.fingerprint, reply.fingerprint
+            )
+            session = reply.session
+
+            def make_auth(rid: int) -> Request:
+                return Auth(rid, session, my_proof)
+
+            auth_reply = peer.request(make_auth, config.handshake_timeout, "auth")
+            if isinstance(auth_reply, ErrorReply):
+                _raise_error_reply(auth_reply)
+            if not isinstance(auth_reply, AuthReply) or not auth_reply.ok:
+                raise AuthenticationFailed(f"KV receiver {peer.target} refused authentication")
+        elif reply.auth_required:
+            raise AuthenticationFailed(
+                f"KV receiver {peer.target} requires the cluster secret; set cluster_secret "
+                "(same value on P and D)"
+            )
+        peer.session = reply.session
+        peer.remote_pages = reply.n_pages
+        peer.channel = "tcp"
+        if nixl is not None and reply.nixl_agent and reply.nixl_metadata:
+            try:
+                peer.nixl_remote = nixl.add_remote(reply.nixl_metadata)
+                peer.pool_base = reply.pool_base
+                peer.remote_mem = reply.nixl_mem
+                peer.remote_dev = reply.nixl_dev
+                peer.channel = "nixl"
+            except Exception as exc:
+                if config.channel == "nixl":
+                    raise PeerUnreachable(f"NIXL handshake with {peer.target} failed") from exc
+                logger.info("NIXL handshake with %s failed (%s); using TCP", peer.target, exc)
+        elif config.channel == "nixl":
+            raise PeerUnreachable(f"KV receiver {peer.target} offers no NIXL channel")
+        if peer.channel == "tcp":
+            peer.data_sock = self._connect_data(peer, reply.data_port)
+        logger.info("KV push path to %s: channel %s", peer.target, peer.channel)
+        self.metrics.channel_selected(peer.channel)
+
+    def _connect_data(self, peer: _Peer, port: int) -> socket.socket:
+        if not 0 < port < 65536:
+            raise ProtocolViolation(f"receiver announced data port {port}")
+        try:
+            sock = socket.create_connection((peer.host, port), timeout=self.config.connect_timeout)
+        except OSError as exc:
+            raise PeerUnreachable(f"cannot connect to {peer.host}:{port}: {exc}") from exc
+        try:
+            set_io_timeouts(sock)
+            header = bytearray(FRAME_HEADER_SIZE)
+            pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, peer.session, None)
+            send_all(sock, (header,), time.monotonic() + self.config.handshake_timeout, self._stop)
+        except BaseException:
+            sock.close()
+            raise
+        return sock

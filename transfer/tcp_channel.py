@@ -1,0 +1,158 @@
+"""Socket helpers of the TCP data channel (torch-free): exact reads, full writes, frame headers.
+
+The hot path allocates nothing per chunk beyond a few memoryview slices: headers are packed into a
+per-connection buffer, payloads are sent from and received into memoryviews of the pools.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+
+import xxhash
+from lmcache_disagg.transfer.errors import DeadlineExceeded, PeerClosed
+from lmcache_disagg.transfer.protocol import (
+    FRAME_CHECKSUM_SPAN,
+    FRAME_HEADER,
+    FRAME_MAGIC,
+    MAX_KEY_BYTES,
+    PROTOCOL_VERSION,
+)
+
+__all__ = [
+    "POLL_SLICE",
+    "Stopped",
+    "frame_checksum",
+    "pack_header",
+    "recv_exact",
+    "send_all",
+    "set_io_timeouts",
+]
+
+POLL_SLICE = 0.25
+"""Kernel-level socket timeout: how often a blocked reader/writer re-checks stop and deadlines."""
+
+_TIMEVAL = struct.Struct("@ll")
+
+
+class Stopped(Exception):
+    """The owning endpoint is shutting down."""
+
+
+def set_io_timeouts(sock: socket.socket, seconds: float = POLL_SLICE) -> None:
+    """Blocking socket whose recv/send give up after ``seconds`` (SO_RCVTIMEO/SO_SNDTIMEO).
+
+    Unlike ``settimeout`` this keeps the socket in blocking mode, so ``MSG_WAITALL`` and full
+    ``sendmsg`` work with one syscall per buffer while loops stay stoppable.
+    """
+    sock.settimeout(None)
+    tv = _TIMEVAL.pack(int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def recv_exact(
+    sock: socket.socket,
+    view: memoryview,
+    stop: threading.Event,
+    *,
+    idle_ok: bool,
+    stall_timeout: float,
+) -> bool:
+    """Fill ``view`` completely. Returns False on a clean EOF before the first byte (if idle_ok).
+
+    ``idle_ok`` (between frames) lets the peer stay silent indefinitely; once a byte has arrived
+    (or when not idle_ok) the peer must make progress every ``stall_timeout`` seconds.
+    Raises PeerClosed (EOF/reset/stall) or Stopped.
+    """
+    n = len(view)
+    got = 0
+    last = time.monotonic()
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        except (BlockingIOError, TimeoutError, InterruptedError):
+            k = -1
+        except OSError as exc:
+            raise PeerClosed(f"connection error while reading: {exc}") from exc
+        if k == 0:
+            if got == 0 and idle_ok:
+                return False
+            raise PeerClosed(f"connection closed after {got} of {n} bytes")
+        if k > 0:
+            got += k
+            last = time.monotonic()
+            continue
+        if stop.is_set():
+            raise Stopped()
+        if not (got == 0 and idle_ok) and time.monotonic() - last > stall_timeout:
+            raise PeerClosed(f"peer stalled for {stall_timeout:.3g}s after {got} of {n} bytes")
+    return True
+
+
+def send_all(
+    sock: socket.socket,
+    buffers: Sequence[memoryview | bytes | bytearray],
+    deadline: float,
+    stop: threading.Event,
+) -> None:
+    """``sendmsg`` every byte of ``buffers`` (handling partial sends) before ``deadline``."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        try:
+            sent = sock.sendmsg(views)
+        except (BlockingIOError, TimeoutError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                sent = 0
+            else:
+                raise PeerClosed(f"connection error while sending: {exc}") from exc
+        if sent == 0:
+            if stop.is_set():
+                raise Stopped()
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded("peer did not accept data before the push deadline")
+            continue
+        while sent:
+            head = views[0]
+            if sent >= len(head):
+                sent -= len(head)
+                views.pop(0)
+            else:
+                views[0] = head[sent:]
+                sent = 0
+
+
+def frame_checksum(header: memoryview | bytearray, key: bytes, payload: memoryview | None) -> int:
+    """xxh3-64 over the header's first 40 bytes, the key and the payload."""
+    hasher = xxhash.xxh3_64(memoryview(header)[:FRAME_CHECKSUM_SPAN])
+    hasher.update(key)
+    if payload is not None:
+        hasher.update(payload)
+    return hasher.intdigest()
+
+
+def pack_header(
+    buf: bytearray,
+    kind: int,
+    handle: int,
+    slot: int,
+    index: int,
+    nbytes: int,
+    num_tokens: int,
+    key: bytes,
+    payload: memoryview | None,
+) -> None:
+    """Pack a frame header (checksum included) into ``buf`` (len FRAME_HEADER_SIZE)."""
+    if len(key) > MAX_KEY_BYTES:
+        raise ValueError(f"chunk key longer than {MAX_KEY_BYTES} bytes")
+    args = (FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, handle, slot, index, nbytes, num_tokens)
+    FRAME_HEADER.pack_into(buf, 0, *args, len(key), 0, 0, key)
+    checksum = frame_checksum(buf, key, payload)
+    FRAME_HEADER.pack_into(buf, 0, *args, len(key), 0, checksum, key)
