@@ -1,0 +1,251 @@
+"""``lmcache-disagg-proxy``: the PD proxy's command line.
+
+Workers::
+
+    --prefill HOST:PORT            (repeatable)
+    --decode  HOST:PORT[,kv=HOST:PORT]   (repeatable; kv defaults to HOST + the YAML listen_port,
+                                          i.e. 17555 unless the config file says otherwise)
+    --config FILE                  the shared YAML (prefill_instances / decode_instances)
+
+Keys come from flags or, preferably (flags show up in ``ps``), from the environment:
+``LMCACHE_PROXY_API_KEY``, ``LMCACHE_PROXY_ADMIN_KEY``, ``LMCACHE_PROXY_WORKER_KEY``.
+
+``--workers N`` runs N processes sharing the port through ``SO_REUSEPORT``. Each has its own
+upstream pool, health checks and metrics; ``/workers`` changes apply to the process that served
+them, so use ``--workers 1`` (the default) when you manage workers at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from lmcache_disagg.proxy.app import ProxyApp
+from lmcache_disagg.proxy.httpserver import ServerLimits, make_listen_socket, serve
+from lmcache_disagg.proxy.settings import POLICIES, ProxySettings, Timeouts, parse_worker_spec
+
+from lmcache_disagg.config import load_config
+from lmcache_disagg.errors import ConfigError
+
+__all__ = ["build_parser", "main", "run", "settings_from_args"]
+
+_log = logging.getLogger("lmcache_disagg.proxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmcache-disagg-proxy",
+        description="OpenAI-compatible disaggregated prefill/decode proxy for vLLM workers",
+    )
+    p.add_argument(
+        "--prefill",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a prefill worker (repeatable)",
+    )
+    p.add_argument(
+        "--decode",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[,kv=HOST:PORT]",
+        help="a decode worker and optionally its KV endpoint (repeatable)",
+    )
+    p.add_argument("--config", metavar="FILE", help="lmcache-disagg YAML (worker lists, ports)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--policy", choices=POLICIES, default="round_robin")
+    p.add_argument("--api-key", default=None, help="client Bearer key (env LMCACHE_PROXY_API_KEY)")
+    p.add_argument(
+        "--admin-key", default=None, help="Bearer key for /workers (env LMCACHE_PROXY_ADMIN_KEY)"
+    )
+    p.add_argument(
+        "--worker-key",
+        default=None,
+        help="Bearer key sent to workers (env LMCACHE_PROXY_WORKER_KEY)",
+    )
+    p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.add_argument("--prefill-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=60.0,
+        help="streaming decode: seconds until D's first byte",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="streaming decode: longest gap between chunks",
+    )
+    p.add_argument(
+        "--decode-timeout", type=float, default=600.0, help="non-streaming decode: the whole answer"
+    )
+    p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--health-timeout", type=float, default=2.0)
+    p.add_argument("--breaker-threshold", type=int, default=3)
+    p.add_argument("--breaker-cooldown", type=float, default=5.0)
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1024,
+        help="in-flight requests per process before answering 429",
+    )
+    p.add_argument(
+        "--local-prefill-threshold",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="prompts shorter than this (estimated tokens) skip P; 0 = off",
+    )
+    p.add_argument(
+        "--no-local-fallback",
+        action="store_true",
+        help="fail instead of letting D prefill when no P is usable",
+    )
+    p.add_argument("--prefill-attempts", type=int, default=2)
+    p.add_argument("--decode-attempts", type=int, default=2)
+    p.add_argument(
+        "--decode-retry-repush",
+        action="store_true",
+        help="on a D retry, prefill again pushing to the new D (default: D prefills)",
+    )
+    p.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="request body bytes")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.add_argument("--no-access-log", action="store_true")
+    p.add_argument("--log-level", default="info")
+    return p  # fmt: skip
+
+
+def settings_from_args(args: argparse.Namespace) -> ProxySettings:
+    """Merge flags, env keys and the YAML worker lists into one ProxySettings."""
+    cfg = load_config(args.config) if args.config else None
+    kv_port = cfg.listen_port if cfg is not None else None
+    prefill = [parse_worker_spec("prefill", text) for text in args.prefill]
+    decode = [
+        parse_worker_spec("decode", text, **({"kv_port": kv_port} if kv_port else {}))
+        for text in args.decode
+    ]
+    if cfg is not None:
+        for inst in cfg.prefill_instances:
+            prefill.append(parse_worker_spec("prefill", inst.http))
+        for inst in cfg.decode_instances:
+            text = inst.http if inst.kv is None else f"{inst.http},kv={inst.kv}"
+            decode.append(
+                parse_worker_spec("decode", text, **({"kv_port": kv_port} if kv_port else {}))
+            )
+    if not decode:
+        raise ConfigError("at least one --decode worker is required")
+    env = os.environ
+    return ProxySettings(
+        prefill=tuple(prefill),
+        decode=tuple(decode),
+        host=args.host,
+        port=args.port,
+        policy=args.policy,
+        api_key=args.api_key or env.get("LMCACHE_PROXY_API_KEY") or None,
+        admin_key=args.admin_key or env.get("LMCACHE_PROXY_ADMIN_KEY") or None,
+        worker_key=args.worker_key or env.get("LMCACHE_PROXY_WORKER_KEY") or None,
+        timeouts=Timeouts(
+            connect=args.connect_timeout,
+            prefill=args.prefill_timeout,
+            first_byte=args.first_byte_timeout,
+            idle=args.idle_timeout,
+            decode=args.decode_timeout,
+            health=args.health_timeout,
+        ),
+        max_concurrency=args.max_concurrency,
+        local_prefill_threshold=args.local_prefill_threshold,
+        local_fallback=not args.no_local_fallback,
+        prefill_attempts=args.prefill_attempts,
+        decode_attempts=args.decode_attempts,
+        decode_retry_repush=args.decode_retry_repush,
+        health_interval=args.health_interval,
+        breaker_threshold=args.breaker_threshold,
+        breaker_cooldown=args.breaker_cooldown,
+        max_body=args.max_body,
+        access_log=not args.no_access_log,
+        workers=args.workers,
+    )
+
+
+async def _serve_process(settings: ProxySettings, reuse_port: bool) -> None:
+    app = ProxyApp(settings)
+    sock = make_listen_socket(settings.host, settings.port, reuse_port=reuse_port)
+    await app.start()
+    server = await serve(app.handle, sock, ServerLimits(max_body=settings.max_body))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    _log.info(
+        "lmcache-disagg-proxy pid %d listening on %s:%d (%d prefill, %d decode, policy %s)",
+        os.getpid(), settings.host, settings.port, len(settings.prefill), len(settings.decode),
+        settings.policy,
+    )  # fmt: skip
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await app.stop()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _child(settings: ProxySettings, level: str) -> None:
+    _setup_logging(level)
+    run(settings, reuse_port=True)
+
+
+def run(settings: ProxySettings, reuse_port: bool = False) -> None:
+    """Serve in this process until SIGINT/SIGTERM."""
+    import uvloop
+
+    uvloop.run(_serve_process(settings, reuse_port))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers == 1:
+        run(settings)
+        return 0
+    ctx = multiprocessing.get_context("spawn")
+    children = [
+        ctx.Process(target=_child, args=(settings, args.log_level), name=f"proxy-{i}")
+        for i in range(settings.workers)
+    ]
+    for child in children:
+        child.start()
+
+    def _forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    for child in children:
+        child.join()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

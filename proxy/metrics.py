@@ -1,0 +1,69 @@
+"""Prometheus metrics of one proxy process (its own registry: no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["ProxyMetrics"]
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class ProxyMetrics:
+    """All proxy metrics. Updated from the event loop; rendered by ``GET /metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lmcache_proxy_requests",
+            "Requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.prefill_seconds = Histogram(
+            "lmcache_proxy_prefill_seconds", "Prefill leg duration", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.decode_ttft_seconds = Histogram(
+            "lmcache_proxy_decode_ttft_seconds",
+            "From sending D the request to its first body byte",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_seconds = Histogram(
+            "lmcache_proxy_e2e_seconds", "End-to-end request duration", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "lmcache_proxy_worker_inflight", "In-flight requests per worker", ["role", "worker"],
+            registry=r,
+        )  # fmt: skip
+        self.retries = Counter(
+            "lmcache_proxy_retries", "Retries by leg and reason", ["leg", "reason"], registry=r
+        )
+        self.fallbacks = Counter(
+            "lmcache_proxy_fallbacks", "Local-prefill decisions by reason", ["reason"], registry=r
+        )
+        self.breaker_state = Gauge(
+            "lmcache_proxy_breaker_state", "0 closed, 1 open, 2 half-open", ["role", "worker"],
+            registry=r,
+        )  # fmt: skip
+        self.worker_healthy = Gauge(
+            "lmcache_proxy_worker_healthy", "1 if the last health check passed", ["role", "worker"],
+            registry=r,
+        )  # fmt: skip
+        self.internal_fields_dropped = Counter(
+            "lmcache_proxy_client_internal_fields_dropped",
+            "Client requests that carried internal fields (e.g. kv_transfer_params), dropped",
+            ["field"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "lmcache_proxy_rejected", "Requests refused before routing", ["reason"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

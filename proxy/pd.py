@@ -1,0 +1,365 @@
+"""The PD request flow for ``/v1/completions`` and ``/v1/chat/completions`` (DESIGN "Request flow").
+
+One :class:`PDFlow` per proxy process; :meth:`PDFlow.run` is called once per validated request from
+the server's handler task. Cancelling that task (client disconnect) cancels whichever upstream call
+is in flight, which closes its connection, so P and D see the abort at once.
+
+Order of events for one request:
+
+1. pick D, then P (routing policy);
+2. prefill on P with ``max_tokens=1``, ``stream=false`` and our ``kv_transfer_params`` (stock
+   NixlConnector fields + transfer id + D's KV endpoint as push target); on failure before P
+   answers, retry on another P, and when none is usable let D prefill locally;
+3. decode on D with the original request plus P's returned params verbatim; a D failure before its
+   first byte is retried once on another D (which prefills locally, or gets a fresh push);
+4. stream D's answer back (usage fixed); a failure after the first byte becomes an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from lmcache_disagg.proxy.errors import (
+    NoWorkerAvailable,
+    ProxyError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from lmcache_disagg.proxy.httpserver import Responder
+from lmcache_disagg.proxy.metrics import ProxyMetrics
+from lmcache_disagg.proxy.routing import Router
+from lmcache_disagg.proxy.settings import ProxySettings
+from lmcache_disagg.proxy.upstream import UpstreamClient, UpstreamStream
+from lmcache_disagg.proxy.usage import SSEUsagePatcher, patch_json_body
+from lmcache_disagg.proxy.workers import Worker
+
+from lmcache_disagg import kv_params
+
+__all__ = ["PDFlow", "RequestContext", "error_body"]
+
+_PREFILL_DROP = ("stream_options", "min_tokens")
+
+
+def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
+    """An OpenAI-style error object."""
+    return orjson.dumps(
+        {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    )
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request state, also the source of the request's log line."""
+
+    request_id: str
+    path: str
+    body: dict[str, Any]
+    stream: bool
+    est_tokens: int
+    prefix: bytes
+    started: float = field(default_factory=time.perf_counter)
+    prefill_worker: str | None = None
+    decode_worker: str | None = None
+    prefill_ms: float | None = None
+    ttft_ms: float | None = None
+    prefill_attempts: int = 0
+    decode_attempts: int = 0
+    fallback: str | None = None
+    pushed_tokens: int | None = None
+    prefill_prompt_tokens: int | None = None
+    status: int = 0
+    error: str | None = None
+
+
+class PDFlow:
+    """Runs the PD flow; shared by all requests of one process (event loop thread only)."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        router: Router,
+        client: UpstreamClient,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self._s = settings
+        self._router = router
+        self._client = client
+        self._m = metrics
+        self._headers_base = {"Content-Type": "application/json"}
+        if settings.worker_key:
+            self._headers_base["Authorization"] = f"Bearer {settings.worker_key}"
+
+    def _headers(self, ctx: RequestContext) -> dict[str, str]:
+        headers = dict(self._headers_base)
+        headers["X-Request-Id"] = ctx.request_id
+        return headers
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _enter(self, worker: Worker, tokens: int) -> None:
+        worker.inflight += 1
+        worker.outstanding_tokens += tokens
+        self._m.inflight.labels(worker.role, worker.http).set(worker.inflight)
+
+    def _leave(self, worker: Worker, tokens: int) -> None:
+        worker.inflight -= 1
+        worker.outstanding_tokens -= tokens
+        self._m.inflight.labels(worker.role, worker.http).set(worker.inflight)
+
+    def _failure(self, worker: Worker) -> None:
+        worker.breaker.record_failure()
+        self._m.breaker_state.labels(worker.role, worker.http).set(worker.breaker.state)
+
+    def _success(self, worker: Worker) -> None:
+        if worker.breaker.state:
+            worker.breaker.record_success()
+            self._m.breaker_state.labels(worker.role, worker.http).set(worker.breaker.state)
+        else:
+            worker.breaker.record_success()
+
+    # -- the flow ---------------------------------------------------------------------------
+    async def run(self, ctx: RequestContext, resp: Responder) -> None:
+        """Serve one request end to end. Raises ProxyError only before the response started."""
+        decode = self._router.pick("decode", ctx.prefix)
+        if decode is None:
+            raise NoWorkerAvailable("no healthy decode worker")
+        params: dict[str, Any] | None = None
+        threshold = self._s.local_prefill_threshold
+        if threshold and ctx.est_tokens < threshold:
+            ctx.fallback = "short_prompt"
+            self._m.fallbacks.labels("short_prompt").inc()
+        else:
+            params = await self._prefill(ctx, decode)
+        await self._decode(ctx, decode, params, resp)
+
+    async def _prefill(self, ctx: RequestContext, decode: Worker) -> dict[str, Any] | None:
+        """P's returned kv_transfer_params, or None when D should prefill locally."""
+        body = dict(ctx.body)
+        body["max_tokens"] = 1
+        if "max_completion_tokens" in body:
+            body["max_completion_tokens"] = 1
+        body["stream"] = False
+        for name in _PREFILL_DROP:
+            body.pop(name, None)
+        if body.get("n", 1) != 1:
+            body["n"] = 1  # P only has to fill the cache once for all n samples
+        headers = self._headers(ctx)
+        tried: list[Worker] = []
+        last_error: ProxyError | None = None
+        t0 = time.perf_counter()
+        for attempt in range(1, self._s.prefill_attempts + 1):
+            worker = self._router.pick("prefill", ctx.prefix, tried)
+            if worker is None:
+                break
+            if attempt > 1:
+                self._m.retries.labels("prefill", type(last_error).__name__).inc()
+            tried.append(worker)
+            ctx.prefill_attempts = attempt
+            ctx.prefill_worker = worker.http
+            body[kv_params.KV_TRANSFER_PARAMS] = {
+                kv_params.DO_REMOTE_DECODE: True,
+                kv_params.DO_REMOTE_PREFILL: False,
+                "remote_engine_id": None,
+                "remote_block_ids": None,
+                "remote_host": None,
+                "remote_port": None,
+                kv_params.TRANSFER_ID: f"{ctx.request_id}-{attempt}",
+                kv_params.PUSH_TARGET: decode.kv,
+            }
+            self._enter(worker, ctx.est_tokens)
+            try:
+                status, data = await self._client.fetch(
+                    worker,
+                    "POST",
+                    ctx.path,
+                    orjson.dumps(body),
+                    headers,
+                    self._s.timeouts.prefill,
+                )
+            except UpstreamError as exc:
+                self._failure(worker)
+                last_error = exc
+                continue
+            finally:
+                self._leave(worker, ctx.est_tokens)
+            if status >= 400:
+                error = UpstreamStatusError(worker.http, status, data)
+                if not error.retryable:
+                    raise error
+                self._failure(worker)
+                last_error = error
+                continue
+            try:
+                answer = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                self._failure(worker)
+                last_error = UpstreamStatusError(worker.http, 502, b"")
+                continue
+            self._success(worker)
+            elapsed = time.perf_counter() - t0
+            ctx.prefill_ms = elapsed * 1000.0
+            self._m.prefill_seconds.observe(elapsed)
+            params = answer.get(kv_params.KV_TRANSFER_PARAMS) if isinstance(answer, dict) else None
+            usage = answer.get("usage") if isinstance(answer, dict) else None
+            if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+                ctx.prefill_prompt_tokens = usage["prompt_tokens"]
+            if isinstance(params, dict):
+                pushed = params.get(kv_params.NUM_TOKENS)
+                if isinstance(pushed, int) and not isinstance(pushed, bool):
+                    ctx.pushed_tokens = pushed
+                return params
+            return None
+        reason = "prefill_failed" if tried else "no_prefill_worker"
+        if self._s.local_fallback:
+            ctx.fallback = reason
+            self._m.fallbacks.labels(reason).inc()
+            return None
+        if last_error is not None:
+            raise last_error
+        raise NoWorkerAvailable("no healthy prefill worker")
+
+    async def _decode(
+        self,
+        ctx: RequestContext,
+        decode: Worker,
+        params: dict[str, Any] | None,
+        resp: Responder,
+    ) -> None:
+        body = ctx.body
+        if params is not None:
+            body[kv_params.KV_TRANSFER_PARAMS] = params
+        headers = self._headers(ctx)
+        tried: list[Worker] = []
+        worker: Worker | None = decode
+        last_error: ProxyError | None = None
+        n = body.get("n") or 1
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        tokens = ctx.est_tokens + int(n) * int(max_tokens)
+        for attempt in range(1, self._s.decode_attempts + 1):
+            if worker is None:
+                break
+            tried.append(worker)
+            ctx.decode_attempts = attempt
+            ctx.decode_worker = worker.http
+            self._enter(worker, tokens)
+            try:
+                done = await self._decode_once(ctx, worker, orjson.dumps(body), headers, resp)
+            except UpstreamStatusError as exc:
+                if not exc.retryable:
+                    raise
+                self._failure(worker)
+                last_error = exc
+                done = False
+            except UpstreamError as exc:
+                self._failure(worker)
+                last_error = exc
+                done = False
+            finally:
+                self._leave(worker, tokens)
+            if done:
+                return
+            # Retry before the first byte on another D. The KV (if any) went to the failed D,
+            # so the new D either prefills locally or gets a fresh push.
+            worker = self._router.pick("decode", ctx.prefix, tried)
+            if worker is None:
+                break
+            self._m.retries.labels("decode", type(last_error).__name__).inc()
+            body.pop(kv_params.KV_TRANSFER_PARAMS, None)
+            ctx.pushed_tokens = None
+            if self._s.decode_retry_repush:
+                new_params = await self._prefill(ctx, worker)
+                if new_params is not None:
+                    body[kv_params.KV_TRANSFER_PARAMS] = new_params
+            else:
+                ctx.fallback = "decode_retry"
+                self._m.fallbacks.labels("decode_retry").inc()
+        if last_error is not None:
+            raise last_error
+        raise NoWorkerAvailable("no healthy decode worker")
+
+    async def _decode_once(
+        self,
+        ctx: RequestContext,
+        worker: Worker,
+        payload: bytes,
+        headers: dict[str, str],
+        resp: Responder,
+    ) -> bool:
+        """One attempt on D. False/raise = failed before anything reached the client."""
+        timeouts = self._s.timeouts
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first_deadline = timeouts.first_byte if ctx.stream else timeouts.decode
+        up = await self._client.open(worker, "POST", ctx.path, payload, headers, first_deadline)
+        try:
+            if up.status >= 400:
+                remaining = max(first_deadline - (loop.time() - t0), 0.0)
+                data = await up.read_all(remaining, self._client.max_response)
+                raise UpstreamStatusError(worker.http, up.status, data)
+            if not ctx.stream:
+                remaining = max(first_deadline - (loop.time() - t0), 0.0)
+                data = await up.read_all(remaining, self._client.max_response)
+                self._success(worker)
+                ctx.ttft_ms = (loop.time() - t0) * 1000.0
+                self._m.decode_ttft_seconds.observe(loop.time() - t0)
+                data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
+                ctx.status = up.status
+                resp.send(up.status, data, self._resp_headers(ctx))
+                return True
+            first = await up.read(max(first_deadline - (loop.time() - t0), 0.0))
+            if not first:
+                raise UpstreamStatusError(worker.http, 502, b"")
+            self._success(worker)
+            elapsed = loop.time() - t0
+            ctx.ttft_ms = elapsed * 1000.0
+            self._m.decode_ttft_seconds.observe(elapsed)
+            await self._relay(ctx, up, first, resp)
+            return True
+        finally:
+            up.aclose()
+
+    async def _relay(
+        self, ctx: RequestContext, up: UpstreamStream, first: bytes, resp: Responder
+    ) -> None:
+        """Stream D's SSE to the client. Errors here can only be reported in-band."""
+        options = ctx.body.get("stream_options")
+        patcher: SSEUsagePatcher | None = None
+        if (
+            isinstance(options, dict)
+            and options.get("include_usage")
+            and (ctx.pushed_tokens is not None or ctx.prefill_prompt_tokens is not None)
+        ):
+            patcher = SSEUsagePatcher(ctx.pushed_tokens, ctx.prefill_prompt_tokens)
+            first = patcher.feed(first)
+        ctx.status = up.status
+        resp.start_stream(up.status, self._resp_headers(ctx), first_chunk=first)
+        idle = self._s.timeouts.idle
+        try:
+            while True:
+                data = await up.read(idle)
+                if not data:
+                    break
+                if patcher is not None:
+                    data = patcher.feed(data)
+                await resp.write(data)
+        except UpstreamError as exc:
+            ctx.error = str(exc)
+            ctx.status = 504 if isinstance(exc, UpstreamTimeout) else 502
+            if patcher is not None:
+                await resp.write(patcher.flush())
+            event = error_body(
+                f"decode worker failed mid-stream: {exc}", exc.error_type, ctx.status
+            )
+            resp.end_stream(b"data: " + event + b"\n\n")
+            return
+        if patcher is not None:
+            await resp.write(patcher.flush())
+        resp.end_stream()
+
+    @staticmethod
+    def _resp_headers(ctx: RequestContext) -> tuple[tuple[bytes, bytes], ...]:
+        return ((b"x-request-id", ctx.request_id.encode()),)

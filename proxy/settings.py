@@ -1,0 +1,118 @@
+"""The proxy's runtime settings: one frozen value object built by the CLI (or by tests).
+
+Keys are held here only; ``__repr__`` masks them so a settings object can be logged safely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from lmcache_disagg.config import DEFAULT_KV_PORT, split_host_port
+from lmcache_disagg.errors import ConfigError
+
+__all__ = ["POLICIES", "ProxySettings", "Timeouts", "WorkerSpec", "parse_worker_spec"]
+
+Policy = Literal["round_robin", "least_loaded", "prefix_aware"]
+POLICIES: tuple[Policy, ...] = ("round_robin", "least_loaded", "prefix_aware")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Deadlines of every hop, in seconds. None disables one (not recommended)."""
+
+    connect: float = 5.0
+    prefill: float = 60.0
+    first_byte: float = 60.0
+    """Streaming D: until the first body byte (covers queueing and KV loading on D)."""
+    idle: float = 60.0
+    """Streaming D: the longest gap between two body chunks."""
+    decode: float = 600.0
+    """Non-streaming D: the whole answer (a non-streamed answer has no earlier byte)."""
+    health: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """One worker: its HTTP ``host:port`` and, for D, the ``host:port`` of its KV listener."""
+
+    role: Literal["prefill", "decode"]
+    http: str
+    kv: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http}"
+
+
+def parse_worker_spec(
+    role: Literal["prefill", "decode"], text: str, kv_port: int = DEFAULT_KV_PORT
+) -> WorkerSpec:
+    """``host:port`` or ``host:port,kv=host:port`` -> WorkerSpec (KV default: host + kv_port)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ConfigError(f"empty --{role} value")
+    host, port = split_host_port(parts[0])
+    kv: str | None = None
+    for option in parts[1:]:
+        key, sep, value = option.partition("=")
+        if not sep or key != "kv":
+            raise ConfigError(f"unknown option {option!r} in --{role} {text!r} (use kv=host:port)")
+        split_host_port(value)
+        kv = value
+    http_host = f"[{host}]" if ":" in host else host
+    if kv is None:
+        kv = f"{http_host}:{kv_port}"
+    return WorkerSpec(role=role, http=f"{http_host}:{port}", kv=kv)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """Everything the proxy needs at run time. Built once; never mutated."""
+
+    prefill: tuple[WorkerSpec, ...] = ()
+    decode: tuple[WorkerSpec, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: Policy = "round_robin"
+    api_key: str | None = None
+    admin_key: str | None = None
+    worker_key: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_concurrency: int = 1024
+    retry_after: int = 1
+    local_prefill_threshold: int = 0
+    """Prompts with fewer (estimated) tokens skip P and run on D alone; 0 disables."""
+    local_fallback: bool = True
+    """When no P is usable, D prefills locally instead of failing the request."""
+    prefill_attempts: int = 2
+    decode_attempts: int = 2
+    decode_retry_repush: bool = False
+    """On a D retry, run a fresh prefill pushing to the new D (else the new D prefills locally)."""
+    health_interval: float = 2.0
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 5.0
+    max_body: int = 4 * 1024 * 1024
+    max_tokens_limit: int = 1 << 20
+    access_log: bool = True
+    workers: int = 1
+    upstream_pool_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; use one of {', '.join(POLICIES)}")
+        if self.max_concurrency < 1:
+            raise ConfigError("max_concurrency must be >= 1")
+        if self.workers < 1:
+            raise ConfigError("workers must be >= 1")
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_key") and value is not None:
+                value = "<set>"
+            shown.append(f"{f.name}={value!r}")
+        return f"ProxySettings({', '.join(shown)})"
+
+    __str__ = __repr__
