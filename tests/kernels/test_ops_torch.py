@@ -1,0 +1,67 @@
+"""Torch implementation (the CPU path and the reference) against the plain-index reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.kernels.cases import check_case
+from tests.kernels.utils import DTYPES, KINDS, Case
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+@pytest.mark.parametrize("num_tokens", [1, 7, 256])
+def test_grid(kind: str, dtype: torch.dtype, block_size: int, num_tokens: int) -> None:
+    # Starts mid-block, so the chunk straddles blocks and ends in a partial block.
+    start = block_size // 2 + 3
+    check_case(Case(kind, dtype, block_size, num_tokens, start), "torch")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_blocks(kind: str) -> None:
+    """Blocks that are not densely packed (padded pages / block-outer layouts)."""
+    check_case(Case(kind, torch.bfloat16, 16, 40, 5, pad=24), "torch")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from(DTYPES),
+    block_size=st.sampled_from([1, 2, 5, 16, 128]),
+    num_tokens=st.sampled_from([1, 7, 33, 256]),
+    offset=st.integers(0, 300),
+    num_layers=st.integers(1, 3),
+    num_kv_heads=st.integers(1, 3),
+    head_dim=st.sampled_from([1, 8, 12, 16]),
+    pad=st.sampled_from([0, 0, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_random(
+    kind: str,
+    dtype: torch.dtype,
+    block_size: int,
+    num_tokens: int,
+    offset: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    pad: int,
+    seed: int,
+) -> None:
+    case = Case(
+        kind,
+        dtype,
+        block_size,
+        num_tokens,
+        token_start=offset,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        pad=pad,
+        seed=seed,
+    )
+    check_case(case, "torch")

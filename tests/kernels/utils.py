@@ -1,0 +1,153 @@
+"""Shared factories and the plain-index reference for the kernel tests.
+
+The reference never uses :meth:`KVLayout.token_views`: it spells out, per kind, where vLLM keeps
+element (block, head, slot, dim) of K and V (see ``kernels/layouts.py``), one token at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from lmcache_disagg.kernels import KVLayout
+
+KINDS = ("cpu", "flash_nhd", "flash_hnd", "mla")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def make_cache(
+    layout: KVLayout, num_blocks: int, *, pad: int = 0, gen: torch.Generator | None = None
+) -> torch.Tensor:
+    """One layer's cache with vLLM's strides for ``layout.kind``, filled with random values.
+
+    ``pad`` > 0 leaves that many elements between blocks (vLLM pads pages and, in block-outer
+    layouts, puts other layers' pages there), so blocks are not evenly packed.
+    """
+    b, h, n, c = layout.cache_shape(num_blocks)
+    page = h * n * c
+    block_stride = page + pad
+    raw = torch.randn(num_blocks * block_stride + 3, generator=gen).to(layout.dtype)
+    if layout.kind == "flash_nhd":
+        stride = (block_stride, c, h * c, 1)
+    else:
+        stride = (block_stride, n * c, c, 1)
+    # storage offset 3: views into a larger buffer must work too.
+    return raw.as_strided((b, h, n, c), stride, 3)
+
+
+def _locate(layout: KVLayout, cache: torch.Tensor, block: int, slot: int, kv: int) -> torch.Tensor:
+    """The ``[heads, head_dim]`` cells of one token's K (kv=0) or V (kv=1), as a writable view."""
+    n, d = layout.block_size, layout.head_dim
+    if layout.kind == "mla":
+        return cache[block, :, slot, :]
+    if layout.kind == "cpu":
+        # Each (block, head) region is [K as (D, N) | V as (N, D)] (cpu_attn_reshape_and_cache).
+        heads = [cache[block, h].reshape(-1) for h in range(layout.num_kv_heads)]
+        if kv == 0:
+            return torch.stack([r[: n * d].view(d, n)[:, slot] for r in heads])
+        return torch.stack([r[n * d :].view(n, d)[slot] for r in heads])
+    return cache[block, :, slot, kv * d : (kv + 1) * d]
+
+
+def _write(
+    layout: KVLayout, cache: torch.Tensor, block: int, slot: int, kv: int, x: torch.Tensor
+) -> None:
+    n, d = layout.block_size, layout.head_dim
+    if layout.kind == "cpu":
+        for h in range(layout.num_kv_heads):
+            region = cache[block, h].view(-1) if cache[block, h].is_contiguous() else None
+            assert region is not None
+            if kv == 0:
+                region[: n * d].view(d, n)[:, slot] = x[h]
+            else:
+                region[n * d :].view(n, d)[slot] = x[h]
+        return
+    _locate(layout, cache, block, slot, kv).copy_(x)
+
+
+def reference_gather(
+    caches: list[torch.Tensor], layout: KVLayout, block_ids: list[int], start: int, end: int
+) -> torch.Tensor:
+    out = torch.empty(layout.chunk_shape(len(caches), end - start), dtype=layout.dtype)
+    for layer, cache in enumerate(caches):
+        for i, t in enumerate(range(start, end)):
+            block, slot = block_ids[t // layout.block_size], t % layout.block_size
+            for kv in range(layout.num_kv):
+                out[layer, kv, i] = _locate(layout, cache, block, slot, kv)
+    return out
+
+
+def reference_scatter(
+    chunk: torch.Tensor,
+    caches: list[torch.Tensor],
+    layout: KVLayout,
+    block_ids: list[int],
+    start: int,
+    end: int,
+) -> None:
+    for layer, cache in enumerate(caches):
+        for i, t in enumerate(range(start, end)):
+            block, slot = block_ids[t // layout.block_size], t % layout.block_size
+            for kv in range(layout.num_kv):
+                _write(layout, cache, block, slot, kv, chunk[layer, kv, i])
+
+
+def whole_storage(cache: torch.Tensor) -> torch.Tensor:
+    """Every element of the storage behind ``cache``, padding included, as a flat tensor."""
+    flat = torch.empty(0, dtype=cache.dtype)
+    flat.set_(
+        cache.untyped_storage(), 0, (cache.untyped_storage().nbytes() // cache.element_size(),)
+    )
+    return flat
+
+
+def clone_cache(cache: torch.Tensor) -> torch.Tensor:
+    """A deep copy that keeps the strides, storage offset and padding of ``cache``."""
+    raw = whole_storage(cache).clone()
+    return raw.as_strided(cache.shape, cache.stride(), cache.storage_offset())
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Compare tensors bit for bit (NaN-safe, -0.0 != 0.0)."""
+    return (
+        t.contiguous().view(torch.uint8)
+        if t.element_size() == 1
+        else t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """One gather/scatter scenario."""
+
+    kind: str
+    dtype: torch.dtype
+    block_size: int
+    num_tokens: int
+    token_start: int
+    num_layers: int = 2
+    num_kv_heads: int = 2
+    head_dim: int = 8
+    pad: int = 0
+    spare_blocks: int = 2
+    seed: int = 0
+
+    @property
+    def token_end(self) -> int:
+        return self.token_start + self.num_tokens
+
+    def layout(self) -> KVLayout:
+        heads = 1 if self.kind == "mla" else self.num_kv_heads
+        return KVLayout(self.kind, self.block_size, heads, self.head_dim, self.dtype)  # type: ignore[arg-type]
+
+    def build(self) -> tuple[KVLayout, list[torch.Tensor], list[int]]:
+        """Layout, per-layer caches with random contents, and a shuffled block table."""
+        gen = torch.Generator().manual_seed(self.seed)
+        layout = self.layout()
+        used = -(-self.token_end // self.block_size)
+        num_blocks = used + self.spare_blocks
+        caches = [
+            make_cache(layout, num_blocks, pad=self.pad, gen=gen) for _ in range(self.num_layers)
+        ]
+        table = torch.randperm(num_blocks, generator=gen)[:used].tolist()
+        return layout, caches, table
