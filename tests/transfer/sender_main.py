@@ -13,10 +13,11 @@ import sys
 import time
 import traceback
 
-from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState
+
+from lmcache_disagg.config import LMCacheDisaggConfig
 from tests.transfer.utils import chunk_data, chunk_key, chunk_plan
 
 
@@ -33,8 +34,10 @@ def main() -> int:
                 handles[t["id"]] = sender.open(spec["endpoint"], t["id"], t["n_chunks"])
             except Exception as exc:
                 errors[t["id"]] = [type(exc).__name__, str(exc)]
-        print(json.dumps({"event": "opened", "channel": sender.channel_for(spec["endpoint"])}),
-              flush=True)
+        print(
+            json.dumps({"event": "opened", "channel": sender.channel_for(spec["endpoint"])}),
+            flush=True,
+        )
         writes = []
         for t in spec["transfers"]:
             if t["id"] in handles:
@@ -64,8 +67,17 @@ def main() -> int:
                 break
             time.sleep(0.005)
         results = {tid: [h.status().state.value, h.status().reason] for tid, h in handles.items()}
-        print(json.dumps({"event": "result", "results": results, "errors": errors,
-                          "pages_in_use": sender.send_pool.in_use()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "result",
+                    "results": results,
+                    "errors": errors,
+                    "pages_in_use": sender.send_pool.in_use(),
+                }
+            ),
+            flush=True,
+        )
         return 0
     except Exception:
         traceback.print_exc()

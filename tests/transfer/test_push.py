@@ -6,11 +6,11 @@ import random
 import time
 
 import pytest
-
 from lmcache_disagg.transfer.errors import TransferError
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
+
 from tests.transfer.utils import (
     CHANNELS,
     FP,
@@ -144,8 +144,10 @@ def test_sender_killed_mid_transfer_frees_at_ttl(channel: str) -> None:
 def test_receiver_killed_mid_transfer_sender_errors_within_deadline(channel: str) -> None:
     deadline = 1.5
     config = make_config(channel, push_deadline=deadline)
-    spec = {"config": {**config.model_dump(mode="json"), "listen_port": 0},
-            "fingerprint": FP_FIELDS}
+    spec = {
+        "config": {**config.model_dump(mode="json"), "listen_port": 0},
+        "fingerprint": FP_FIELDS,
+    }
     tx = KVSender(config, FP)
     tx.start()
     try:

@@ -14,16 +14,22 @@ from typing import Any
 
 import torch
 import xxhash
+from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
 from lmcache_disagg.config import LMCacheDisaggConfig
-from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 
 # 2 layers x (K,V) x 32 tokens x 2 heads x 32 dims x float32 = 32 KiB pages.
 FP = LayoutFingerprint(
-    model="tiny-test", dtype="float32", num_layers=2, num_kv_heads=2, head_dim=32,
-    chunk_size=32, tp_rank=0, tp_size=1,
+    model="tiny-test",
+    dtype="float32",
+    num_layers=2,
+    num_kv_heads=2,
+    head_dim=32,
+    chunk_size=32,
+    tp_rank=0,
+    tp_size=1,
 )
 FP_FIELDS = {name: getattr(FP, name) for name in FP.__struct_fields__}
 
@@ -147,3 +153,115 @@ def sender_spec(
         "transfers": transfers,
         **extra,
     }
+
+
+class RawPeer:
+    """A hand-driven sender speaking the wire protocol directly (for fuzzing and fault tests)."""
+
+    def __init__(
+        self, endpoint: str, fingerprint: LayoutFingerprint = FP, secret: str | None = None
+    ) -> None:
+        import zmq
+        from lmcache_disagg.transfer import auth
+        from lmcache_disagg.transfer.protocol import PROTOCOL_VERSION, Auth, Hello, HelloReply
+
+        self.endpoint = endpoint
+        self.host, port = endpoint.rsplit(":", 1)
+        self.ctx: Any = zmq.Context()
+        self.sock: Any = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://{self.host}:{port}")
+        self.rid = 0
+        nonce = auth.make_nonce()
+        reply = self.request(lambda rid: Hello(rid, PROTOCOL_VERSION, fingerprint, nonce))
+        assert isinstance(reply, HelloReply), reply
+        self.hello = reply
+        self.session = reply.session
+        if secret is not None:
+            proof = auth.proof(secret, b"P", nonce, reply.nonce, fingerprint, reply.fingerprint)
+            self.request(lambda rid: Auth(rid, self.session, proof))
+
+    def request(self, make: Callable[[int], Any], timeout: float = 5.0) -> Any:
+        from lmcache_disagg.transfer.protocol import decode_reply, encode
+
+        self.rid += 1
+        self.sock.send(encode(make(self.rid)))
+        if not self.sock.poll(int(timeout * 1000)):
+            raise AssertionError("no control reply")
+        return decode_reply(self.sock.recv())
+
+    def send_raw(self, payload: bytes) -> None:
+        self.sock.send(payload)
+
+    def reserve(self, transfer_id: str, n_pages: int, ttl: float = 30.0) -> Any:
+        from lmcache_disagg.transfer.protocol import Reserve
+
+        return self.request(lambda rid: Reserve(rid, self.session, transfer_id, n_pages, ttl))
+
+    def finish(self, handle: int, n_chunks: int) -> Any:
+        from lmcache_disagg.transfer.protocol import Finish
+
+        return self.request(lambda rid: Finish(rid, self.session, handle, n_chunks))
+
+    def data_conn(self, session: bytes | None = None) -> Any:
+        import socket
+
+        from lmcache_disagg.transfer.protocol import FRAME_HEADER_SIZE, FRAME_HELLO
+        from lmcache_disagg.transfer.tcp_channel import pack_header
+
+        sock = socket.create_connection((self.host, self.hello.data_port), timeout=5)
+        header = bytearray(FRAME_HEADER_SIZE)
+        pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, session or self.session, None)
+        sock.sendall(header)
+        return sock
+
+    @staticmethod
+    def chunk_frame(
+        handle: int,
+        index: int,
+        payload: bytes,
+        num_tokens: int,
+        key: bytes = b"k",
+        *,
+        slot: int | None = None,
+        corrupt: bool = False,
+    ) -> bytes:
+        from lmcache_disagg.transfer.protocol import FRAME_CHUNK, FRAME_HEADER_SIZE
+        from lmcache_disagg.transfer.tcp_channel import pack_header
+
+        header = bytearray(FRAME_HEADER_SIZE)
+        slot = index if slot is None else slot
+        pack_header(
+            header,
+            FRAME_CHUNK,
+            handle,
+            slot,
+            index,
+            len(payload),
+            num_tokens,
+            key,
+            memoryview(payload),
+        )
+        body = bytearray(payload)
+        if corrupt and body:
+            body[len(body) // 2] ^= 0x01
+        return bytes(header) + bytes(body)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def wait_closed(sock: Any, timeout: float = 10.0) -> bool:
+    """True when the peer closes ``sock`` (EOF or reset) within ``timeout``."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return False
