@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -69,6 +70,10 @@ class ProxyApp:
         )
         self.flow = PDFlow(settings, self.router, self.client, self.metrics)
         self.inflight = 0
+        # Request ids: a random per-process prefix plus a counter (cheaper than uuid4 per request).
+        self._rid_prefix = secrets.token_hex(6)
+        self._rid_counter = itertools.count(1)
+        self._request_counters: dict[tuple[str, int], Any] = {}
         self._access = logging.getLogger(ACCESS_LOGGER)
         self._health_task: asyncio.Task[None] | None = None
         self._probe_tasks: set[asyncio.Task[None]] = set()
@@ -76,7 +81,9 @@ class ProxyApp:
         self._api_key = f"Bearer {settings.api_key}".encode() if settings.api_key else None
         self._admin_key = f"Bearer {settings.admin_key}".encode() if settings.admin_key else None
         self._worker_headers = (
-            {"Authorization": f"Bearer {settings.worker_key}"} if settings.worker_key else {}
+            f"authorization: Bearer {settings.worker_key}\r\n".encode()
+            if settings.worker_key
+            else b""
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -166,7 +173,9 @@ class ProxyApp:
 
     async def _generate(self, req: Request, resp: Responder, chat: bool) -> None:
         route = "chat" if chat else "completions"
-        rid = sanitize_request_id(req.headers.get(b"x-request-id")) or uuid.uuid4().hex
+        rid = sanitize_request_id(req.headers.get(b"x-request-id")) or (
+            f"{self._rid_prefix}{next(self._rid_counter):x}"
+        )
         ctx: RequestContext | None = None
         status = 0
         started = time.perf_counter()
@@ -222,7 +231,12 @@ class ProxyApp:
         finally:
             if admitted:
                 self.inflight -= 1
-            self.metrics.requests.labels(route, str(status)).inc()
+            counter = self._request_counters.get((route, status))
+            if counter is None:
+                counter = self.metrics.requests.labels(route, str(status))
+                if len(self._request_counters) < 1024:
+                    self._request_counters[(route, status)] = counter
+            counter.inc()
             elapsed = time.perf_counter() - started
             self.metrics.e2e_seconds.observe(elapsed)
             if self.settings.access_log:

@@ -90,25 +90,33 @@ class PDFlow:
         self._router = router
         self._client = client
         self._m = metrics
-        self._headers_base = {"Content-Type": "application/json"}
+        # Workers are few and long-lived; a removed worker's gauge entry stays (bounded by adds).
+        self._inflight_gauges: dict[Worker, Any] = {}
+        self._headers_base = b"content-type: application/json\r\n"
         if settings.worker_key:
-            self._headers_base["Authorization"] = f"Bearer {settings.worker_key}"
+            self._headers_base += f"authorization: Bearer {settings.worker_key}\r\n".encode()
 
-    def _headers(self, ctx: RequestContext) -> dict[str, str]:
-        headers = dict(self._headers_base)
-        headers["X-Request-Id"] = ctx.request_id
-        return headers
+    def _headers(self, ctx: RequestContext) -> bytes:
+        return self._headers_base + b"x-request-id: " + ctx.request_id.encode() + b"\r\n"
 
     # -- bookkeeping ------------------------------------------------------------------------
+    def _gauge(self, worker: Worker) -> Any:
+        gauge = self._inflight_gauges.get(worker)
+        if gauge is None:
+            gauge = self._inflight_gauges[worker] = self._m.inflight.labels(
+                worker.role, worker.http
+            )
+        return gauge
+
     def _enter(self, worker: Worker, tokens: int) -> None:
         worker.inflight += 1
         worker.outstanding_tokens += tokens
-        self._m.inflight.labels(worker.role, worker.http).set(worker.inflight)
+        self._gauge(worker).set(worker.inflight)
 
     def _leave(self, worker: Worker, tokens: int) -> None:
         worker.inflight -= 1
         worker.outstanding_tokens -= tokens
-        self._m.inflight.labels(worker.role, worker.http).set(worker.inflight)
+        self._gauge(worker).set(worker.inflight)
 
     def _failure(self, worker: Worker) -> None:
         worker.breaker.record_failure()
@@ -286,7 +294,7 @@ class PDFlow:
         ctx: RequestContext,
         worker: Worker,
         payload: bytes,
-        headers: dict[str, str],
+        headers: bytes,
         resp: Responder,
     ) -> bool:
         """One attempt on D. False/raise = failed before anything reached the client."""

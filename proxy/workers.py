@@ -11,6 +11,8 @@ from typing import Literal
 from lmcache_disagg.proxy.breaker import CircuitBreaker
 from lmcache_disagg.proxy.settings import WorkerSpec
 
+from lmcache_disagg.config import split_host_port
+
 __all__ = ["Role", "Worker", "WorkerPool"]
 
 Role = Literal["prefill", "decode"]
@@ -20,6 +22,7 @@ class Worker:
     """One upstream worker. ``healthy`` is set by the health checker (False until first probe)."""
 
     __slots__ = (
+        "address",
         "base_url",
         "breaker",
         "healthy",
@@ -36,6 +39,7 @@ class Worker:
         self.http = spec.http
         self.kv = spec.kv
         self.base_url = spec.base_url
+        self.address = split_host_port(spec.http)
         self.breaker = breaker
         self.healthy = False
         self.inflight = 0
