@@ -174,7 +174,7 @@ class ProxyApp:
     async def _generate(self, req: Request, resp: Responder, chat: bool) -> None:
         route = "chat" if chat else "completions"
         rid = sanitize_request_id(req.headers.get(b"x-request-id")) or (
-            f"{self._rid_prefix}{next(self._rid_counter):x}"
+            f"{self._rid_prefix}-{next(self._rid_counter):x}"
         )
         ctx: RequestContext | None = None
         status = 0

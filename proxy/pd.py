@@ -68,6 +68,8 @@ class RequestContext:
     prefill_ms: float | None = None
     ttft_ms: float | None = None
     prefill_attempts: int = 0
+    transfers: int = 0
+    """PD attempts so far; numbers transfer ids so each attempt (and re-push) has its own."""
     decode_attempts: int = 0
     fallback: str | None = None
     pushed_tokens: int | None = None
@@ -167,6 +169,7 @@ class PDFlow:
                 self._m.retries.labels("prefill", type(last_error).__name__).inc()
             tried.append(worker)
             ctx.prefill_attempts = attempt
+            ctx.transfers += 1
             ctx.prefill_worker = worker.http
             body[kv_params.KV_TRANSFER_PARAMS] = {
                 kv_params.DO_REMOTE_DECODE: True,
@@ -175,7 +178,7 @@ class PDFlow:
                 "remote_block_ids": None,
                 "remote_host": None,
                 "remote_port": None,
-                kv_params.TRANSFER_ID: f"{ctx.request_id}-{attempt}",
+                kv_params.TRANSFER_ID: f"{ctx.request_id}-{ctx.transfers}",
                 kv_params.PUSH_TARGET: decode.kv,
             }
             self._enter(worker, ctx.est_tokens)

@@ -10,7 +10,8 @@ The proxy's tests and ``lmcache-disagg bench proxy`` start these as real process
   with ``usage`` (and the usage chunk when ``stream_options.include_usage``). With
   ``--report-cached`` it fills ``prompt_tokens_details.cached_tokens`` itself.
 
-Faults (``--fault`` at start, or ``POST /stub/fault {"fault": F, "rate": R}`` at run time):
+Faults (``--fault`` at start, or ``POST /stub/fault {"fault": F, "rate": R}`` at run time; that
+call also takes ``slow_delay``, ``report_cached`` and ``model``):
 ``500``, ``400``, ``hang``, ``reset`` (TCP RST before answering), ``slow`` (``--slow-delay`` per
 token), ``die`` (die mid-stream / mid-body), ``unhealthy`` (``/health`` answers 503).
 
@@ -144,6 +145,10 @@ class StubWorker:
             self.fault_rate = float(spec.get("rate", 1.0))
             if "slow_delay" in spec:
                 self.slow_delay = float(spec["slow_delay"])
+            if "report_cached" in spec:
+                self.report_cached = bool(spec["report_cached"])
+            if "model" in spec:
+                self.model = str(spec["model"])
             resp.send(200, b"{}")
             return
         if path == "/stub/clear":
