@@ -29,6 +29,8 @@ import time
 from typing import Any
 
 import orjson
+
+from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.errors import ClientRequestError, ProxyError, UpstreamStatusError
 from lmcache_disagg.proxy.httpserver import Request, Responder
 from lmcache_disagg.proxy.metrics import ProxyMetrics
@@ -44,8 +46,6 @@ from lmcache_disagg.proxy.validation import (
     strip_internal,
 )
 from lmcache_disagg.proxy.workers import Worker, WorkerPool
-
-from lmcache_disagg.errors import ConfigError
 
 __all__ = ["ProxyApp"]
 

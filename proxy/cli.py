@@ -26,12 +26,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from lmcache_disagg.config import load_config
+from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.app import ProxyApp
 from lmcache_disagg.proxy.httpserver import ServerLimits, make_listen_socket, serve
 from lmcache_disagg.proxy.settings import POLICIES, ProxySettings, Timeouts, parse_worker_spec
-
-from lmcache_disagg.config import load_config
-from lmcache_disagg.errors import ConfigError
 
 __all__ = ["build_parser", "main", "run", "settings_from_args"]
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from lmcache_disagg import kv_params
 from lmcache_disagg.proxy.errors import (
     NoWorkerAvailable,
     ProxyError,
@@ -37,8 +39,6 @@ from lmcache_disagg.proxy.settings import ProxySettings
 from lmcache_disagg.proxy.upstream import UpstreamClient, UpstreamStream
 from lmcache_disagg.proxy.usage import SSEUsagePatcher, patch_json_body
 from lmcache_disagg.proxy.workers import Worker
-
-from lmcache_disagg import kv_params
 
 __all__ = ["PDFlow", "RequestContext", "error_body"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import xxhash
+
 from lmcache_disagg.proxy.settings import Policy
 from lmcache_disagg.proxy.workers import Role, Worker, WorkerPool
 

@@ -30,6 +30,8 @@ from collections import deque
 from typing import Any
 
 import orjson
+
+from lmcache_disagg import kv_params
 from lmcache_disagg.proxy.httpserver import (
     Request,
     Responder,
@@ -37,8 +39,6 @@ from lmcache_disagg.proxy.httpserver import (
     make_listen_socket,
     serve,
 )
-
-from lmcache_disagg import kv_params
 
 __all__ = ["FAULTS", "StubWorker", "main"]
 

@@ -28,6 +28,7 @@ from collections import deque
 from typing import cast
 
 import httptools
+
 from lmcache_disagg.proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from lmcache_disagg.proxy.settings import Timeouts
 from lmcache_disagg.proxy.workers import Worker

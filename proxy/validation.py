@@ -10,9 +10,9 @@ import re
 from typing import Any
 
 import orjson
-from lmcache_disagg.proxy.errors import ClientRequestError
 
 from lmcache_disagg import kv_params
+from lmcache_disagg.proxy.errors import ClientRequestError
 
 __all__ = ["estimate_tokens", "parse_body", "prefix_key", "sanitize_request_id", "strip_internal"]
 
@@ -103,8 +103,8 @@ def _text_of(body: dict[str, Any]) -> str | list[int] | None:
                 )
         return "\n".join(parts)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt:
-        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]  # a batch of prompts: route and size by the first
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):

@@ -8,10 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
+from lmcache_disagg.config import split_host_port
 from lmcache_disagg.proxy.breaker import CircuitBreaker
 from lmcache_disagg.proxy.settings import WorkerSpec
-
-from lmcache_disagg.config import split_host_port
 
 __all__ = ["Role", "Worker", "WorkerPool"]
 

@@ -54,7 +54,11 @@ class ProxyHandle:
         self.url = f"http://{self.addr}"
 
     def post(self, path: str, body: Any, **kw: Any) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=kw.pop("timeout", 20), **kw)
+        """POST ``body`` (JSON-encoded unless it is raw bytes)."""
+        timeout = kw.pop("timeout", 20)
+        if isinstance(body, bytes):
+            return httpx.post(self.url + path, content=body, timeout=timeout, **kw)
+        return httpx.post(self.url + path, json=body, timeout=timeout, **kw)
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=5).text
@@ -99,9 +103,7 @@ class Cluster:
         port = free_port()
         p_addrs = [self.stubs[p].addr if p in self.stubs else p for p in prefill]
         d_addrs = [self.stubs[d].addr if d in self.stubs else d for d in decode]
-        proc = start_proxy(
-            port, p_addrs, d_addrs, self.log_dir, [*FAST_FLAGS, *extra], env=env
-        )
+        proc = start_proxy(port, p_addrs, d_addrs, self.log_dir, [*FAST_FLAGS, *extra], env=env)
         self._procs.append(proc)
         handle = ProxyHandle(proc, port)
         if wait_ready:
