@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
+
 from lmcache_disagg.kernels.errors import ChunkError, LayoutError
 
 __all__ = ["KVLayout", "LayoutKind", "chunk_view", "expand_block_ids"]
@@ -159,10 +160,19 @@ class KVLayout:
 
     def empty_cache(self, num_blocks: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Allocate one layer's cache with the strides vLLM uses for this kind (tests, bench)."""
+        return self.empty_caches(1, num_blocks, device)[0]
+
+    def empty_caches(
+        self, num_layers: int, num_blocks: int, device: torch.device | str = "cpu"
+    ) -> list[torch.Tensor]:
+        """Per-layer caches carved out of one allocation, layer outermost, as vLLM 0.32's
+        ``create_kv_cache_views`` lays out a cache group (tests, bench, demos)."""
         b, h, n, c = self.cache_shape(num_blocks)
         if self.kind == "flash_nhd":
-            return torch.empty((b, n, h, c), dtype=self.dtype, device=device).transpose(1, 2)
-        return torch.empty((b, h, n, c), dtype=self.dtype, device=device)
+            whole = torch.empty((num_layers, b, n, h, c), dtype=self.dtype, device=device)
+            return [layer.transpose(1, 2) for layer in whole.unbind(0)]
+        whole = torch.empty((num_layers, b, h, n, c), dtype=self.dtype, device=device)
+        return list(whole.unbind(0))
 
     def check_cache(self, kv_cache: torch.Tensor) -> None:
         """Raise :class:`LayoutError` unless ``kv_cache`` is one layer's cache in this layout."""
@@ -204,20 +214,32 @@ class KVLayout:
         No copies: writing through the views writes the cache. ``V`` is None for MLA. The
         caller has validated ``kv_cache`` with :meth:`check_cache`.
         """
-        cache = _as_4d(self, kv_cache)
-        b, h, n, _ = cache.shape
+        parts = self.cell_views(_as_4d(self, kv_cache))
+        views = [view.select(-2, j) for _, view in parts for j in range(view.shape[-2])]
+        return views[0], (views[1] if len(views) > 1 else None)
+
+    def cell_views(self, cache: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Views ``(first kv index, [..., block, slot, head, kv, dim])`` of a 4-D cache
+        ``[B, H, N, C]`` or of layer-stacked caches ``[L, B, H, N, C]``.
+
+        K and V come as one view (kv axis of 2) where they share a cell (flash kinds), so one
+        copy moves both; as two views otherwise (``cpu``: ``[(0, K), (1, V)]``).
+        """
+        lead = cache.shape[:-4]
+        lead_strides = cache.stride()[:-4]
+        b, h, n, _ = cache.shape[-4:]
         d = self.head_dim
         if self.kind == "mla":
-            return cache.transpose(1, 2), None
+            return [(0, cache.transpose(-3, -2).unsqueeze(-2))]
         if self.kind == "cpu":
-            s_b, s_h = cache.stride(0), cache.stride(1)
+            s_b, s_h = cache.stride(-4), cache.stride(-3)
             base = cache.storage_offset()
+            size = (*lead, b, n, h, 1, d)
             # K region of a (block, head) is [D, N] (token fastest), V region [N, D].
-            k = cache.as_strided((b, n, h, d), (s_b, 1, s_h, n), base)
-            v = cache.as_strided((b, n, h, d), (s_b, d, s_h, 1), base + n * d)
-            return k, v
-        tok_major = cache.transpose(1, 2)  # [B, N, H, 2D]
-        return tok_major[..., :d], tok_major[..., d:]
+            k = cache.as_strided(size, (*lead_strides, s_b, 1, s_h, 1, n), base)
+            v = cache.as_strided(size, (*lead_strides, s_b, d, s_h, 1, 1), base + n * d)
+            return [(0, k), (1, v)]
+        return [(0, cache.transpose(-3, -2).unflatten(-1, (2, d)))]
 
 
 def _as_4d(layout: KVLayout, kv_cache: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+
 from lmcache_disagg.kernels import torch_impl
 from lmcache_disagg.kernels.errors import ChunkError
 from lmcache_disagg.kernels.layouts import KVLayout

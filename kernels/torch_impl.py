@@ -1,15 +1,18 @@
 """Pure-torch gather/scatter: the CPU implementation and the reference for the Triton one.
 
-Per layer and per K/V it is one indexing kernel that reads the cache and writes the chunk (or the
-reverse) directly, with no intermediate tensor:
+Two strategies, chosen per call:
 
-* when a view's blocks are token-major and evenly spaced (``flash_nhd``, dense MLA) the cache is
-  seen as one ``[blocks * block_size, heads, dim]`` token table and ``index_select(out=)`` /
-  ``index_copy_`` move whole token rows (memcpy speed, parallel over both cores);
-* otherwise (``cpu``'s transposed K, ``flash_hnd``) the two-axis ``aten.index.Tensor_out`` /
-  ``index_put_`` walk ``[block, slot]`` pairs.
+* **Block runs** (the fast path). A chunk touches few blocks (16 for 256 tokens of 16), and inside
+  a block its tokens are consecutive slots. When the per-layer caches are equally spaced windows
+  of one allocation (how vLLM 0.32 allocates a KV cache group) they are one strided tensor
+  ``[L, B, H, N, C]``, and each block run is a single ``copy_`` between strided views for all
+  layers, K and V together where they share a cell; that runs at memcpy speed on all intra-op
+  threads. Caches that are not equally spaced get one ``copy_`` per layer and run.
+* **Index kernels**, when there would be too many runs (tiny blocks): one ``aten.index`` /
+  ``index_put_`` per layer and K/V over ``[block, slot]`` pairs.
 
-Callers go through :mod:`lmcache_disagg.kernels.ops`, which validates arguments first.
+Neither allocates a temporary the size of the chunk. Callers go through
+:mod:`lmcache_disagg.kernels.ops`, which validates the arguments first.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from lmcache_disagg.kernels.layouts import KVLayout
 
-__all__ = ["gather", "scatter", "token_indices"]
+__all__ = ["block_runs", "gather", "scatter", "stack_layers", "token_indices"]
+
+# Above this many copy_ calls their overhead (a few us each) loses to the index kernels.
+MAX_RUN_COPIES = 160
+
+# (chunk token offset, block id, first slot, length)
+Run = tuple[int, int, int, int]
 
 
 def token_indices(
@@ -31,18 +41,75 @@ def token_indices(
     return blk, pos % layout.block_size
 
 
-def _token_table(view: torch.Tensor) -> torch.Tensor | None:
-    """``view`` ``[B, N, H, D]`` as ``[B*N, H, D]`` if that is a pure view, else None."""
-    b, n, h, d = view.shape
-    s_b, s_n, s_h, s_d = view.stride()
-    if b > 1 and s_b != n * s_n:
+def block_runs(
+    block_size: int, block_ids: torch.Tensor, token_start: int, token_end: int
+) -> list[Run]:
+    """Split ``[token_start, token_end)`` into per-block runs of consecutive slots."""
+    first, last = token_start // block_size, (token_end - 1) // block_size
+    runs: list[Run] = []
+    pos = token_start
+    for block in block_ids[first : last + 1].tolist():
+        slot = pos % block_size
+        length = min(block_size - slot, token_end - pos)
+        runs.append((pos - token_start, int(block), slot, length))
+        pos += length
+    return runs
+
+
+def stack_layers(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[L, *cache]`` view if the caches are equally spaced, same-strided windows of one
+    storage (vLLM's layer-outermost allocation), else None."""
+    c0 = kv_caches[0]
+    if len(kv_caches) == 1:
+        return c0.unsqueeze(0)
+    step = kv_caches[1].storage_offset() - c0.storage_offset()
+    if step <= 0:
         return None
-    return view.as_strided((b * n, h, d), (s_n, s_h, s_d), view.storage_offset())
+    ptr = c0.untyped_storage().data_ptr()
+    for layer, cache in enumerate(kv_caches):
+        if (
+            cache.storage_offset() != c0.storage_offset() + layer * step
+            or cache.stride() != c0.stride()
+            or cache.untyped_storage().data_ptr() != ptr
+        ):
+            return None
+    return c0.as_strided((len(kv_caches), *c0.shape), (step, *c0.stride()), c0.storage_offset())
 
 
-def _views(layout: KVLayout, cache: torch.Tensor) -> list[torch.Tensor]:
-    k, v = layout.token_views(cache)
-    return [k] if v is None else [k, v]
+def _as_4d(layout: KVLayout, cache: torch.Tensor, lead: int) -> torch.Tensor:
+    # MLA caches may come squeezed ([B, N, C], MLAAttention.bind_kv_cache).
+    return cache.unsqueeze(-3) if cache.dim() == 3 + lead else cache
+
+
+def _runs_copy(
+    layout: KVLayout,
+    chunk: torch.Tensor,
+    kv_caches: Sequence[torch.Tensor],
+    runs: list[Run],
+    to_chunk: bool,
+    max_copies: int,
+) -> bool:
+    """Move the runs with ``copy_``; False (nothing done) if that would take too many calls."""
+    stacked = stack_layers(kv_caches)
+    if stacked is not None:
+        targets = [(chunk, _as_4d(layout, stacked, 1))]
+    else:
+        targets = [(chunk[layer], _as_4d(layout, c, 0)) for layer, c in enumerate(kv_caches)]
+    parts = [(c, layout.cell_views(cache)) for c, cache in targets]
+    if len(runs) * sum(len(p) for _, p in parts) > max_copies:
+        return False
+    for ch, cells in parts:
+        for kv0, view in cells:
+            kv = slice(kv0, kv0 + view.shape[-2])
+            for i, block, slot, length in runs:
+                # chunk [..., kv, tokens, H, D] -> [..., tokens, H, kv, D] to match the cells
+                dst = ch[..., kv, i : i + length, :, :].movedim(-4, -2)
+                src = view[..., block, slot : slot + length, :, :, :]
+                if to_chunk:
+                    dst.copy_(src)
+                else:
+                    src.copy_(dst)
+    return True
 
 
 def gather(
@@ -52,18 +119,18 @@ def gather(
     token_start: int,
     token_end: int,
     out: torch.Tensor,
+    *,
+    max_run_copies: int = MAX_RUN_COPIES,
 ) -> None:
     """Copy tokens ``[token_start, token_end)`` of every layer into the contiguous chunk ``out``."""
+    runs = block_runs(layout.block_size, block_ids, token_start, token_end)
+    if _runs_copy(layout, out, kv_caches, runs, True, max_run_copies):
+        return
     blk, slot = token_indices(layout, block_ids, token_start, token_end)
-    flat_idx = blk * layout.block_size + slot
     for layer, cache in enumerate(kv_caches):
-        for kv, view in enumerate(_views(layout, cache)):
-            dst = out[layer, kv]
-            table = _token_table(view)
-            if table is not None:
-                torch.index_select(table, 0, flat_idx, out=dst)
-            else:
-                torch.ops.aten.index.Tensor_out(view, [blk, slot], out=dst)
+        k, v = layout.token_views(cache)
+        for kv, view in enumerate((k,) if v is None else (k, v)):
+            torch.ops.aten.index.Tensor_out(view, [blk, slot], out=out[layer, kv])
 
 
 def scatter(
@@ -73,15 +140,15 @@ def scatter(
     block_ids: torch.Tensor,
     token_start: int,
     token_end: int,
+    *,
+    max_run_copies: int = MAX_RUN_COPIES,
 ) -> None:
     """Write the chunk's tokens into tokens ``[token_start, token_end)`` of every layer's cache."""
+    runs = block_runs(layout.block_size, block_ids, token_start, token_end)
+    if _runs_copy(layout, chunk, kv_caches, runs, False, max_run_copies):
+        return
     blk, slot = token_indices(layout, block_ids, token_start, token_end)
-    flat_idx = blk * layout.block_size + slot
     for layer, cache in enumerate(kv_caches):
-        for kv, view in enumerate(_views(layout, cache)):
-            src = chunk[layer, kv]
-            table = _token_table(view)
-            if table is not None:
-                table.index_copy_(0, flat_idx, src)
-            else:
-                view.index_put_((blk, slot), src)
+        k, v = layout.token_views(cache)
+        for kv, view in enumerate((k,) if v is None else (k, v)):
+            view.index_put_((blk, slot), chunk[layer, kv])

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
 from lmcache_disagg.kernels.errors import KernelError
 from lmcache_disagg.kernels.layouts import KVLayout
 

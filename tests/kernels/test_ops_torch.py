@@ -1,4 +1,5 @@
-"""Torch implementation (the CPU path and the reference) against the plain-index reference."""
+"""Torch implementation (the CPU path and the reference) against the plain-index reference,
+for both of its strategies (block-run copies and index kernels)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,40 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.cases import check_case
+from tests.kernels.cases import Impl, check_case
 from tests.kernels.utils import DTYPES, KINDS, Case
 
+IMPLS = ("torch", "torch-index")
 
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", [1, 16, 128])
 @pytest.mark.parametrize("num_tokens", [1, 7, 256])
-def test_grid(kind: str, dtype: torch.dtype, block_size: int, num_tokens: int) -> None:
+def test_grid(kind: str, dtype: torch.dtype, block_size: int, num_tokens: int, impl: Impl) -> None:
     # Starts mid-block, so the chunk straddles blocks and ends in a partial block.
     start = block_size // 2 + 3
-    check_case(Case(kind, dtype, block_size, num_tokens, start), "torch")
+    check_case(Case(kind, dtype, block_size, num_tokens, start), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shared", [True, False], ids=["one-allocation", "per-layer"])
+def test_padded_blocks(kind: str, shared: bool, impl: Impl) -> None:
+    """Blocks that are not densely packed (padded pages / block-outer layouts)."""
+    check_case(Case(kind, torch.bfloat16, 16, 40, 5, num_layers=3, pad=24, shared=shared), impl)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_padded_blocks(kind: str) -> None:
-    """Blocks that are not densely packed (padded pages / block-outer layouts)."""
-    check_case(Case(kind, torch.bfloat16, 16, 40, 5, pad=24), "torch")
+def test_aligned_full_chunk(kind: str) -> None:
+    """The common case: a whole 256-token chunk at a chunk boundary."""
+    check_case(Case(kind, torch.bfloat16, 16, 256, 512, num_layers=4), "torch")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
+    impl=st.sampled_from(IMPLS),
     kind=st.sampled_from(KINDS),
     dtype=st.sampled_from(DTYPES),
     block_size=st.sampled_from([1, 2, 5, 16, 128]),
@@ -38,9 +51,11 @@ def test_padded_blocks(kind: str) -> None:
     num_kv_heads=st.integers(1, 3),
     head_dim=st.sampled_from([1, 8, 12, 16]),
     pad=st.sampled_from([0, 0, 8]),
+    shared=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random(
+    impl: Impl,
     kind: str,
     dtype: torch.dtype,
     block_size: int,
@@ -50,6 +65,7 @@ def test_random(
     num_kv_heads: int,
     head_dim: int,
     pad: int,
+    shared: bool,
     seed: int,
 ) -> None:
     case = Case(
@@ -63,5 +79,6 @@ def test_random(
         head_dim=head_dim,
         pad=pad,
         seed=seed,
+        shared=shared,
     )
-    check_case(case, "torch")
+    check_case(case, impl)

@@ -43,8 +43,9 @@ def test_grid(kind: str, dtype: torch.dtype, block_size: int, num_tokens: int) -
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_padded_blocks(kind: str) -> None:
-    check_case(Case(kind, torch.bfloat16, 16, 40, 5, pad=24), "triton")
+@pytest.mark.parametrize("shared", [True, False], ids=["one-allocation", "per-layer"])
+def test_padded_blocks(kind: str, shared: bool) -> None:
+    check_case(Case(kind, torch.bfloat16, 16, 40, 5, num_layers=3, pad=24, shared=shared), "triton")
 
 
 @settings(max_examples=40, deadline=None)
@@ -57,6 +58,7 @@ def test_padded_blocks(kind: str) -> None:
     num_kv_heads=st.integers(1, 3),
     head_dim=st.sampled_from([1, 8, 12]),
     pad=st.sampled_from([0, 8]),
+    shared=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random(
@@ -68,6 +70,7 @@ def test_random(
     num_kv_heads: int,
     head_dim: int,
     pad: int,
+    shared: bool,
     seed: int,
 ) -> None:
     case = Case(
@@ -80,5 +83,6 @@ def test_random(
         head_dim=head_dim,
         pad=pad,
         seed=seed,
+        shared=shared,
     )
     check_case(case, "triton")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lmcache_disagg.kernels import KVLayout, LayoutError, gather, scatter
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
@@ -28,6 +27,8 @@ from vllm.v1.kv_cache_interface import (
     create_kv_cache_views,
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from lmcache_disagg.kernels import KVLayout, LayoutError, gather, scatter
 
 NUM_LAYERS = 3
 NUM_BLOCKS = 12

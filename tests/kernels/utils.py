@@ -9,30 +9,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lmcache_disagg.kernels import KVLayout
 
 KINDS = ("cpu", "flash_nhd", "flash_hnd", "mla")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def make_cache(
-    layout: KVLayout, num_blocks: int, *, pad: int = 0, gen: torch.Generator | None = None
-) -> torch.Tensor:
-    """One layer's cache with vLLM's strides for ``layout.kind``, filled with random values.
+def make_caches(
+    layout: KVLayout,
+    num_layers: int,
+    num_blocks: int,
+    *,
+    pad: int = 0,
+    shared: bool = False,
+    gen: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Per-layer caches with vLLM's strides for ``layout.kind``, filled with random values.
 
     ``pad`` > 0 leaves that many elements between blocks (vLLM pads pages and, in block-outer
-    layouts, puts other layers' pages there), so blocks are not evenly packed.
+    layouts, puts other layers' pages there), so blocks are not evenly packed. ``shared`` puts all
+    layers in one allocation, equally spaced (vLLM's layer-outermost group tensor); otherwise each
+    layer has its own storage.
     """
     b, h, n, c = layout.cache_shape(num_blocks)
-    page = h * n * c
-    block_stride = page + pad
-    raw = torch.randn(num_blocks * block_stride + 3, generator=gen).to(layout.dtype)
+    block_stride = h * n * c + pad
+    layer_elems = num_blocks * block_stride + 3
     if layout.kind == "flash_nhd":
         stride = (block_stride, c, h * c, 1)
     else:
         stride = (block_stride, n * c, c, 1)
-    # storage offset 3: views into a larger buffer must work too.
-    return raw.as_strided((b, h, n, c), stride, 3)
+    if shared:
+        raw = torch.randn(num_layers * layer_elems, generator=gen).to(layout.dtype)
+        raws = [raw] * num_layers
+    else:
+        raws = [torch.randn(layer_elems, generator=gen).to(layout.dtype) for _ in range(num_layers)]
+    # Offset 3 within each layer: views that do not start their storage must work too.
+    return [
+        r.as_strided((b, h, n, c), stride, 3 + (layer * layer_elems if shared else 0))
+        for layer, r in enumerate(raws)
+    ]
 
 
 def _locate(layout: KVLayout, cache: torch.Tensor, block: int, slot: int, kv: int) -> torch.Tensor:
@@ -131,6 +147,7 @@ class Case:
     pad: int = 0
     spare_blocks: int = 2
     seed: int = 0
+    shared: bool = True
 
     @property
     def token_end(self) -> int:
@@ -146,8 +163,8 @@ class Case:
         layout = self.layout()
         used = -(-self.token_end // self.block_size)
         num_blocks = used + self.spare_blocks
-        caches = [
-            make_cache(layout, num_blocks, pad=self.pad, gen=gen) for _ in range(self.num_layers)
-        ]
+        caches = make_caches(
+            layout, self.num_layers, num_blocks, pad=self.pad, shared=self.shared, gen=gen
+        )
         table = torch.randperm(num_blocks, generator=gen)[:used].tolist()
         return layout, caches, table

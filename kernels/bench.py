@@ -1,0 +1,144 @@
+"""``lmcache-disagg bench kernels [--json]``: gather/scatter bandwidth next to ``copy_``.
+
+For each shape (a Llama-8B-like chunk and the tiny test model's) and each layout that runs on the
+CPU, it times gather and scatter of one 256-token chunk whose blocks are scattered through the
+cache, interleaved with ``torch.Tensor.copy_`` of the same number of bytes between two contiguous
+buffers, and reports medians and the ratios to ``copy_``. The machine is shared and noisy: read
+the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmcache_disagg.kernels.layouts import KVLayout, LayoutKind
+from lmcache_disagg.kernels.ops import Impl, gather, scatter
+
+__all__ = ["BenchShape", "main", "run"]
+
+CPU_KINDS: tuple[LayoutKind, ...] = ("flash_nhd", "flash_hnd", "cpu", "mla")
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_size: int = 16
+    num_tokens: int = 256
+
+    def layout(self, kind: LayoutKind) -> KVLayout:
+        if kind == "mla":
+            # Same bytes per token as the K+V of the attention layouts.
+            latent = 2 * self.num_kv_heads * self.head_dim
+            return KVLayout(kind, self.block_size, 1, latent, self.dtype)
+        return KVLayout(kind, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+
+
+SHAPES = {
+    "llama8b": BenchShape("llama8b", 32, 8, 128, torch.bfloat16),
+    "tiny": BenchShape("tiny", 2, 2, 32, torch.float32),
+}
+
+
+def _median_seconds(fns: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
+    """Run each fn once to warm up, then ``iters`` rounds interleaving them; median per fn."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def bench_one(
+    shape: BenchShape, kind: LayoutKind, iters: int, impl: Impl = "torch"
+) -> dict[str, Any]:
+    """Time gather, scatter and the ``copy_`` baseline for one shape and layout kind."""
+    layout = shape.layout(kind)
+    n_blocks = -(-shape.num_tokens // shape.block_size)
+    pool = 4 * n_blocks  # blocks come from a larger cache, in shuffled order
+    gen = torch.Generator().manual_seed(0)
+    caches = layout.empty_caches(shape.num_layers, pool)
+    for cache in caches:
+        cache.normal_(generator=gen)
+    block_ids = torch.randperm(pool, generator=gen)[:n_blocks]
+    nbytes = layout.chunk_bytes(shape.num_layers, shape.num_tokens)
+    page = torch.empty(nbytes, dtype=torch.uint8)
+    out = page.view(layout.dtype).view(layout.chunk_shape(shape.num_layers, shape.num_tokens))
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    n = shape.num_tokens
+    secs = _median_seconds(
+        {
+            "copy": lambda: dst.copy_(src),  # type: ignore[dict-item]
+            "gather": lambda: gather(caches, layout, block_ids, 0, n, out, impl=impl),
+            "scatter": lambda: scatter(out, caches, layout, block_ids, 0, n, impl=impl),
+        },
+        iters,
+    )
+    gbps = {name: nbytes / s / 1e9 for name, s in secs.items()}
+    return {
+        "shape": shape.name,
+        "layout": kind,
+        "bytes": nbytes,
+        "copy_gbps": round(gbps["copy"], 2),
+        "gather_gbps": round(gbps["gather"], 2),
+        "scatter_gbps": round(gbps["scatter"], 2),
+        "gather_ratio": round(gbps["gather"] / gbps["copy"], 3),
+        "scatter_ratio": round(gbps["scatter"] / gbps["copy"], 3),
+    }
+
+
+def run(shapes: list[str], kinds: list[LayoutKind], iters: int) -> dict[str, Any]:
+    results = [bench_one(SHAPES[s], k, iters) for s in shapes for k in kinds]
+    return {
+        "bench": "kernels",
+        "torch_threads": torch.get_num_threads(),
+        "iters": iters,
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lmcache-disagg bench kernels``; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="lmcache-disagg bench kernels", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--iters", type=int, default=15, help="timed rounds per measurement")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="repeatable")
+    parser.add_argument("--layout", choices=CPU_KINDS, action="append", help="repeatable")
+    args = parser.parse_args(argv)
+    if args.iters < 1:
+        parser.error("--iters must be >= 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    report = run(args.shape or list(SHAPES), args.layout or list(CPU_KINDS), args.iters)
+    header = f"{'shape':<8} {'layout':<10} {'MiB':>7} {'copy_':>7} {'gather':>7} {'ratio':>6}"
+    print(f"{header} {'scatter':>7} {'ratio':>6}   (GB/s, torch threads={report['torch_threads']})")
+    for r in report["results"]:
+        print(
+            f"{r['shape']:<8} {r['layout']:<10} {r['bytes'] / 2**20:>7.2f} {r['copy_gbps']:>7.2f} "
+            f"{r['gather_gbps']:>7.2f} {r['gather_ratio']:>6.2f} {r['scatter_gbps']:>7.2f} "
+            f"{r['scatter_ratio']:>6.2f}"
+        )
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
