@@ -13,6 +13,7 @@ import hmac
 import secrets
 
 import msgspec
+
 from lmcache_disagg.transfer.protocol import PROTOCOL_VERSION, LayoutFingerprint
 
 __all__ = ["NONCE_BYTES", "make_nonce", "proof", "verify"]

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from lmcache_disagg.transfer.errors import DeadlineExceeded, DuplicateTransfer, NoRoom
 
 __all__ = ["ReceivePool", "SendPage", "SendPool", "allocate_pages"]
@@ -25,13 +26,14 @@ def allocate_pages(n_pages: int, page_bytes: int, device: str) -> torch.Tensor:
     if n_pages <= 0 or page_bytes <= 0:
         raise ValueError(f"pool needs >= 1 page of >= 1 byte, got {n_pages} x {page_bytes}")
     if device == "cuda":
-        return torch.empty((n_pages, page_bytes), dtype=torch.uint8, device="cuda")
+        return torch.zeros((n_pages, page_bytes), dtype=torch.uint8, device="cuda")
     if device == "pinned":
         try:
-            return torch.empty((n_pages, page_bytes), dtype=torch.uint8, pin_memory=True)
+            return torch.zeros((n_pages, page_bytes), dtype=torch.uint8, pin_memory=True)
         except RuntimeError as exc:
             logger.warning("pinned memory unavailable (%s); using pageable host memory", exc)
-    return torch.empty((n_pages, page_bytes), dtype=torch.uint8)
+    # zeros, not empty: touching every page now keeps first-write page faults off the data path.
+    return torch.zeros((n_pages, page_bytes), dtype=torch.uint8)
 
 
 def host_view(pages: torch.Tensor) -> memoryview | None:
@@ -146,6 +148,17 @@ class SendPool:
                 return
             self._free.append(page.index)
             self._cond.notify()
+
+    def release_many(self, pages: list[SendPage]) -> int:
+        """Return several pages at once; returns the pages still in use."""
+        with self._cond:
+            free = set(self._free)
+            for page in pages:
+                if page.index not in free:
+                    free.add(page.index)
+                    self._free.append(page.index)
+            self._cond.notify(len(pages))
+            return self.n_pages - len(self._free)
 
     def in_use(self) -> int:
         with self._cond:

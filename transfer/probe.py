@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 import zmq
+
 from lmcache_disagg.transfer import auth
 from lmcache_disagg.transfer.protocol import (
     PROTOCOL_VERSION,

@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
+import xxhash
 import zmq
+from prometheus_client import CollectorRegistry
+
+from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.transfer import auth
 from lmcache_disagg.transfer.errors import (
     AuthenticationFailed,
@@ -41,6 +45,7 @@ from lmcache_disagg.transfer.metrics import TransferMetrics
 from lmcache_disagg.transfer.pool import ReceivePool
 from lmcache_disagg.transfer.protocol import (
     CONTROL_MAX_MESSAGE,
+    FRAME_CHECKSUM_SPAN,
     FRAME_CHUNK,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
@@ -68,9 +73,6 @@ from lmcache_disagg.transfer.protocol import (
 )
 from lmcache_disagg.transfer.state import ReceivedChunk, RecvState, TransferState
 from lmcache_disagg.transfer.tcp_channel import Stopped, frame_checksum, recv_exact, set_io_timeouts
-from prometheus_client import CollectorRegistry
-
-from lmcache_disagg.config import LMCacheDisaggConfig
 
 if TYPE_CHECKING:
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
@@ -86,6 +88,7 @@ _CTL_IDLE_POLL_MS = 50
 _CTL_NIXL_POLL_MS = 1
 _SWEEP_INTERVAL = 0.05
 _DRAIN_BYTES = 1 << 20
+_HASH_SLICE = 1 << 20
 
 
 @dataclass(eq=False)
@@ -125,6 +128,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _recv_some(sock: socket.socket, buffers: list[memoryview]) -> int:
+    """One non-waiting ``recvmsg_into``: whatever is already there (0 when nothing yet)."""
+    try:
+        got = sock.recvmsg_into(buffers, 0, socket.MSG_DONTWAIT)[0]
+    except (BlockingIOError, TimeoutError, InterruptedError):
+        return 0
+    except OSError as exc:
+        raise PeerClosed(f"connection error while reading: {exc}") from exc
+    if got == 0:
+        raise PeerClosed("connection closed mid-frame")
+    return int(got)
+
+
 class KVReceiver:
     """Receives KV chunk pushes into a :class:`ReceivePool` (runs inside D's vLLM worker).
 
@@ -157,12 +173,16 @@ class KVReceiver:
         self.channel_kind = "tcp"
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._sessions: collections.OrderedDict[bytes, _Session] = collections.OrderedDict()
         self._nixl_sessions: dict[str, _Session] = {}
         self._by_id: dict[str, _RxTransfer] = {}
         self._by_handle: dict[int, _RxTransfer] = {}
         self._tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._ended_handles: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # handle -> (completed before it ended, reason): answers a Finish that arrives late.
+        self._ended_handles: collections.OrderedDict[int, tuple[bool, str]] = (
+            collections.OrderedDict()
+        )
         self._handles = itertools.count(secrets.randbelow(1 << 30) + 1)
         self._resolved: collections.deque[_RxTransfer] = collections.deque()
         self._threads: list[threading.Thread] = []
@@ -283,6 +303,25 @@ class KVReceiver:
             return TransferState(RecvState.UNKNOWN)
         return TransferState(RecvState.FAILED, reason=reason)
 
+    def wait(self, transfer_id: str, timeout: float) -> TransferState:
+        """Block until the transfer is COMPLETE/FAILED (or ``timeout``); returns :meth:`poll`.
+
+        For callers with a thread to spare (tests, the bench); the connector uses :meth:`poll`.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                t = self._by_id.get(transfer_id)
+                if t is not None and t.state is not RecvState.RECEIVING:
+                    break
+                if t is None and transfer_id in self._tombstones:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+        return self.poll(transfer_id)
+
     def chunks(self, transfer_id: str) -> list[ReceivedChunk]:
         """The verified chunks of a COMPLETE transfer, in index order (views into the pool)."""
         with self._lock:
@@ -318,7 +357,7 @@ class KVReceiver:
         self._by_id.pop(t.transfer_id, None)
         self._by_handle.pop(t.handle, None)
         self._tombstones[t.transfer_id] = tombstone
-        self._ended_handles[t.handle] = None
+        self._ended_handles[t.handle] = (t.state is RecvState.COMPLETE, t.reason or tombstone)
         while len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
         while len(self._ended_handles) > MAX_TOMBSTONES:
@@ -337,6 +376,7 @@ class KVReceiver:
         self._resolve_locked(t)
 
     def _resolve_locked(self, t: _RxTransfer) -> None:
+        self._changed.notify_all()
         if t.waiters:
             self._resolved.append(t)
             self._wake()
@@ -664,7 +704,11 @@ class KVReceiver:
         with self._lock:
             t = self._by_handle.get(request.handle)
             if t is None:
-                return FinishReply(request.rid, RecvState.FAILED.value, "unknown_or_ended")
+                # Already released: fine if it had completed (D consumed it before our finish).
+                complete, reason = self._ended_handles.get(request.handle, (False, "unknown"))
+                if complete:
+                    return FinishReply(request.rid, RecvState.COMPLETE.value)
+                return FinishReply(request.rid, RecvState.FAILED.value, reason)
             if t.session is not session:
                 raise ProtocolViolation("finish for a transfer of another session")
             if not 0 < request.n_chunks <= len(t.pages):
@@ -789,9 +833,18 @@ class KVReceiver:
             logger.warning("refused a KV data connection without an authenticated session")
             return
         scratch = memoryview(bytearray(_DRAIN_BYTES))
+        # Two header buffers: while a small payload is read, the same syscall may also pull in
+        # the next frame's header (recvmsg_into), which halves the syscalls per chunk when
+        # frames stream back to back.
+        spare = bytearray(FRAME_HEADER_SIZE)
+        sview = memoryview(spare)
+        have_header = 0
         while True:
-            if not recv_exact(sock, hview, stop, idle_ok=True, stall_timeout=stall):
+            if have_header < FRAME_HEADER_SIZE and not recv_exact(
+                sock, hview[have_header:], stop, idle_ok=have_header == 0, stall_timeout=stall
+            ):
                 return
+            have_header = 0
             (
                 magic,
                 version,
@@ -823,12 +876,30 @@ class KVReceiver:
                 continue
             start = begun.pages[slot] * page_bytes
             target = pool_view[start : start + nbytes]
+            hasher = xxhash.xxh3_64(hview[:FRAME_CHECKSUM_SPAN])
+            hasher.update(key)
             error = "truncated"
             try:
-                recv_exact(sock, target, stop, idle_ok=False, stall_timeout=stall)
-                error = "" if frame_checksum(header, key, target) == checksum else "checksum"
+                if nbytes <= _HASH_SLICE:
+                    got = _recv_some(sock, [target, sview])
+                    if got < nbytes:
+                        recv_exact(sock, target[got:], stop, idle_ok=False, stall_timeout=stall)
+                    else:
+                        have_header = got - nbytes
+                    hasher.update(target)
+                else:
+                    # Hash each slice as it lands, while it is still in cache and while the
+                    # sender keeps filling the socket buffer.
+                    for offset in range(0, nbytes, _HASH_SLICE):
+                        part = target[offset : offset + _HASH_SLICE]
+                        recv_exact(sock, part, stop, idle_ok=False, stall_timeout=stall)
+                        hasher.update(part)
+                error = "" if hasher.intdigest() == checksum else "checksum"
             finally:
                 self._end_chunk(begun, slot, nbytes, num_tokens, key, error)
+            if have_header:
+                header, spare = spare, header
+                hview, sview = sview, hview
             if error:
                 logger.warning(
                     "chunk %d of transfer %s failed: %s", index, begun.transfer_id, error

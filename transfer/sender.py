@@ -1,10 +1,11 @@
 """P side: :class:`KVSender` pushes chunk pages into a receiver's reserved pool pages.
 
 Threads: one ``lmcd-tx-<host:port>`` data thread per connected receiver drains that peer's bounded
-write queue (TCP ``sendmsg`` or NIXL WRITE), so :meth:`PushHandle.write` returns at once and the send
-overlaps the caller's compute. Control requests (hello, reserve, cancel) run synchronously on the
-caller's thread under the peer's control lock; finish replies arrive asynchronously and are pumped
-by :meth:`PushHandle.status` and by the data thread when idle.
+write queue (TCP ``sendmsg``, coalescing queued chunks, or NIXL WRITE), so :meth:`PushHandle.write`
+returns at once and the send overlaps the caller's compute. One ``lmcd-tx-ctl`` thread
+(:mod:`.control`) owns the zmq control sockets: callers' requests (hello, reserve) wait on it with
+their deadline, finish notices and cancels are fire-and-forget, and it fails pushes that pass their
+deadline even when nobody polls them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import ipaddress
 import itertools
 import logging
+import math
 import queue
 import secrets
 import socket
@@ -22,9 +24,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import zmq
+from prometheus_client import CollectorRegistry
+
+from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.transfer import auth
+from lmcache_disagg.transfer.control import ControlLoop
 from lmcache_disagg.transfer.errors import (
     AuthenticationFailed,
     DeadlineExceeded,
@@ -59,7 +64,6 @@ from lmcache_disagg.transfer.protocol import (
     Request,
     Reserve,
     ReserveReply,
-    decode_reply,
     encode,
 )
 from lmcache_disagg.transfer.state import PushState, PushStatus
@@ -69,9 +73,6 @@ from lmcache_disagg.transfer.tcp_channel import (
     send_all,
     set_io_timeouts,
 )
-from prometheus_client import CollectorRegistry
-
-from lmcache_disagg.config import LMCacheDisaggConfig
 
 if TYPE_CHECKING:
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
@@ -94,6 +95,8 @@ _ERRORS: dict[str, type[TransferError]] = {
 }
 _STOP = object()
 _IDLE_PUMP = 0.05
+_MAX_BATCH = 64
+_MAX_BATCH_BYTES = 64 << 20
 
 
 def _raise_error_reply(reply: ErrorReply) -> None:
@@ -130,13 +133,10 @@ class _Peer:
         self.sender = sender
         self.target = target
         self.host, self.port = split_target(target)
-        assert sender._ctx is not None
-        self.ctl = sender._ctx.socket(zmq.DEALER)
-        self.ctl.setsockopt(zmq.LINGER, 0)
-        self.ctl.connect(f"tcp://{self.host}:{self.port}")
-        self.ctl_lock = threading.Lock()
+        assert sender._ctl is not None
+        self.ctl = sender._ctl
+        self.ctl.connect(self, f"tcp://{self.host}:{self.port}")
         self.rids = itertools.count(1)
-        self.pending: dict[int, Callable[[Reply], None]] = {}
         self.session = b""
         self.channel = "tcp"
         self.data_sock: socket.socket | None = None
@@ -148,81 +148,47 @@ class _Peer:
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=sender.send_pool.n_pages * 2 + 64)
         self.thread: threading.Thread | None = None
         self.broken = ""
+        self.closed = False
         self.handles: set[PushHandle] = set()
         self.handles_lock = threading.Lock()
 
-    # -- control requests (caller thread) --------------------------------------------------------
+    # -- control requests (any thread; the I/O happens on the control thread) -------------------
 
     def request(self, make: Callable[[int], Request], timeout: float, what: str) -> Reply:
-        """Send one request and wait for its reply (other replies are dispatched meanwhile)."""
-        deadline = time.monotonic() + timeout
-        if not self.ctl_lock.acquire(timeout=timeout):
-            raise DeadlineExceeded(f"{what}: control channel to {self.target} busy")
-        try:
-            if self.ctl.closed:
-                raise PeerClosed(f"control channel to {self.target} is closed")
-            rid = next(self.rids)
-            try:
-                self.ctl.send(encode(make(rid)), zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                raise PeerUnreachable(f"{what}: cannot send to {self.target}: {exc}") from exc
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.ctl.poll(max(1, int(remaining * 1000))):
-                    raise DeadlineExceeded(
-                        f"{what}: no reply from {self.target} within {timeout:.3g}s"
-                    )
-                reply = self._recv()
-                if reply is None:
-                    continue
-                if reply.rid == rid:
-                    return reply
-                self._dispatch(reply)
-        finally:
-            self.ctl_lock.release()
+        """Send one request and wait up to ``timeout`` for its reply."""
+        rid = next(self.rids)
+        done = threading.Event()
+        lock = threading.Lock()
+        box: list[Reply | None] = []
+        abandoned = False
 
-    def send_async(self, make: Callable[[int], Request], callback: Callable[[Reply], None]) -> None:
-        with self.ctl_lock:
-            rid = next(self.rids)
-            if self.ctl.closed:
-                raise PeerClosed(f"control channel to {self.target} is closed")
-            self.pending[rid] = callback
-            try:
-                self.ctl.send(encode(make(rid)), zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                self.pending.pop(rid, None)
-                raise PeerClosed(f"cannot send to {self.target}: {exc}") from exc
+        def on_reply(reply: Reply | None) -> None:
+            with lock:
+                if not abandoned:
+                    box.append(reply)
+                    done.set()
+                    return
+            if isinstance(reply, ReserveReply):
+                self.sender._on_unmatched(self, reply)
 
-    def pump(self) -> None:
-        """Dispatch any replies that arrived (non-blocking; skipped when another thread pumps)."""
-        if not self.ctl_lock.acquire(blocking=False):
-            return
-        try:
-            while not self.ctl.closed and self.ctl.poll(0):
-                reply = self._recv()
-                if reply is not None:
-                    self._dispatch(reply)
-        finally:
-            self.ctl_lock.release()
+        self.ctl.send(self, rid, encode(make(rid)), on_reply)
+        if not done.wait(timeout):
+            with lock:
+                abandoned = not done.is_set()
+            if abandoned:
+                self.ctl.forget(self, rid)
+                raise DeadlineExceeded(f"{what}: no reply from {self.target} within {timeout:.3g}s")
+        reply = box[0]
+        if reply is None:
+            raise PeerClosed(f"{what}: control channel to {self.target} closed")
+        return reply
 
-    def _recv(self) -> Reply | None:
-        try:
-            return decode_reply(self.ctl.recv(zmq.NOBLOCK))
-        except zmq.Again:
-            return None
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            self.sender.metrics.failure("protocol")
-            return None
-
-    def _dispatch(self, reply: Reply) -> None:
-        callback = self.pending.pop(reply.rid, None)
-        if callback is not None:
-            callback(reply)
-        elif isinstance(reply, ReserveReply):
-            # A reservation whose caller already gave up: hand the pages straight back.
-            rid = next(self.rids)
-            with contextlib.suppress(zmq.ZMQError):
-                self.ctl.send(encode(Cancel(rid, self.session, reply.handle)), zmq.NOBLOCK)
+    def send_async(
+        self, make: Callable[[int], Request], callback: Callable[[Reply | None], None] | None
+    ) -> None:
+        """Fire a request; ``callback`` runs on the control thread with the reply (or None)."""
+        rid = next(self.rids)
+        self.ctl.send(self, rid, encode(make(rid)), callback)
 
     # -- data thread ----------------------------------------------------------------------------
 
@@ -262,35 +228,63 @@ class _Peer:
         try:
             return self.queue.get(timeout=timeout)
         except queue.Empty:
-            self.pump()
-            self.check_deadlines()
             if stop.is_set():
                 return _STOP
             return None
 
     def _run_tcp(self, stop: threading.Event) -> None:
-        sender = self.sender
         sock = self.data_sock
-        assert sock is not None and sender.send_pool.view is not None
-        view = sender.send_pool.view
-        page_bytes = sender.send_pool.page_bytes
-        header = bytearray(FRAME_HEADER_SIZE)
-        metrics = sender.metrics
+        assert sock is not None
+        headers = [bytearray(FRAME_HEADER_SIZE) for _ in range(_MAX_BATCH)]
         while True:
             item = self._next(stop, _IDLE_PUMP)
             if item is None:
                 continue
-            if item is _STOP:
+            # Coalesce whatever is already queued into one sendmsg: at small chunk sizes the
+            # per-syscall and per-wakeup cost dominates, not the bytes.
+            batch: list[Any] = []
+            tail = None
+            batch_bytes = 0
+            while True:
+                if item is _STOP or item[0] != "chunk":
+                    tail = item
+                    break
+                batch.append(item)
+                batch_bytes += item[4]
+                if len(batch) >= _MAX_BATCH or batch_bytes >= _MAX_BATCH_BYTES:
+                    break
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._send_batch(sock, batch, headers, stop)
+            if tail is _STOP:
                 return
-            if item[0] == "finish":
-                self._send_finish(item[1])
-                continue
-            _, handle, index, page, nbytes, num_tokens, key = item
-            try:
+            if tail is not None:
+                self._send_finish(tail[1])
+
+    def _send_batch(
+        self,
+        sock: socket.socket,
+        batch: list[Any],
+        headers: list[bytearray],
+        stop: threading.Event,
+    ) -> None:
+        sender = self.sender
+        view = sender.send_pool.view
+        assert view is not None
+        page_bytes = sender.send_pool.page_bytes
+        buffers: list[memoryview | bytearray] = []
+        deadline = math.inf
+        sent_bytes = 0
+        try:
+            for n, (_, handle, index, page, nbytes, num_tokens, key) in enumerate(batch):
                 if handle.state is not PushState.PENDING:
                     continue
                 start = page.index * page_bytes
                 payload = view[start : start + nbytes]
+                header = headers[n]
                 pack_header(
                     header,
                     FRAME_CHUNK,
@@ -302,11 +296,17 @@ class _Peer:
                     key,
                     payload,
                 )
-                send_all(sock, (header, payload), handle.deadline, stop)
-                metrics.chunks_total.inc()
-                metrics.bytes_total.inc(nbytes)
-            finally:
-                sender._release_page(page)
+                buffers.append(header)
+                buffers.append(payload)
+                deadline = min(deadline, handle.deadline)
+                sent_bytes += nbytes
+            if buffers:
+                send_all(sock, buffers, deadline, stop)
+        finally:
+            sender._release_pages([item[3] for item in batch])
+        if buffers:
+            sender.metrics.chunks_total.inc(len(buffers) // 2)
+            sender.metrics.bytes_total.inc(sent_bytes)
 
     def _run_nixl(self, stop: threading.Event) -> None:
         sender = self.sender
@@ -424,9 +424,9 @@ class _Peer:
     def _close_sockets(self) -> None:
         if self.data_sock is not None:
             self.data_sock.close()
-        with self.ctl_lock:
-            if not self.ctl.closed:
-                self.ctl.close(0)
+        if not self.closed:
+            self.closed = True
+            self.ctl.close(self)
         if self.nixl_remote and self.sender._nixl is not None:
             try:
                 self.sender._nixl.remove_remote(self.nixl_remote)
@@ -465,6 +465,7 @@ class PushHandle:
         self._finished = False
         self._cancelled = False
         self._lock = threading.Lock()
+        self._resolved = threading.Event()
 
     def write(self, index: int, page: SendPage, nbytes: int, num_tokens: int, key: bytes) -> None:
         """Queue chunk ``index`` (``page.data[:nbytes]``) for sending; returns immediately.
@@ -526,12 +527,15 @@ class PushHandle:
 
     def status(self) -> PushStatus:
         """Non-blocking: PENDING, DONE (D verified every chunk) or FAILED(reason)."""
-        if self.state is PushState.PENDING:
-            self._peer.pump()
-            if self.state is PushState.PENDING and time.monotonic() > self.deadline:
-                self._fail("deadline")
-                self._cancel_remote()
+        if self.state is PushState.PENDING and time.monotonic() > self.deadline:
+            self._fail("deadline")
+            self._cancel_remote()
         return PushStatus(self.state, self.reason)
+
+    def wait(self, timeout: float) -> PushStatus:
+        """Block until DONE/FAILED or ``timeout`` seconds; returns :meth:`status`."""
+        self._resolved.wait(max(0.0, min(timeout, self.deadline - time.monotonic() + 0.01)))
+        return self.status()
 
     # -- internal -------------------------------------------------------------------------------
 
@@ -548,16 +552,20 @@ class PushHandle:
                 return
             self.state = PushState.FAILED
             self.reason = reason
+        self._resolved.set()
         self._peer.sender.metrics.failure(reason)
         self._peer.sender.metrics.transfer_outcome("failed")
         self._forget()
 
-    def _on_finish_reply(self, reply: Reply) -> None:
-        if isinstance(reply, FinishReply) and reply.state == "COMPLETE":
+    def _on_finish_reply(self, reply: Reply | None) -> None:
+        if reply is None:
+            self._fail("peer_closed")
+        elif isinstance(reply, FinishReply) and reply.state == "COMPLETE":
             with self._lock:
                 if self.state is not PushState.PENDING:
                     return
                 self.state = PushState.DONE
+            self._resolved.set()
             self._peer.sender.metrics.transfer_outcome("done")
             self._forget()
         elif isinstance(reply, FinishReply):
@@ -599,14 +607,18 @@ class KVSender:
         self._peers_lock = threading.Lock()
         self._connect_locks: dict[str, threading.Lock] = {}
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._ctl: ControlLoop | None = None
         self._nixl: NixlAgent | None = None
         self._started = False
 
     def start(self) -> None:
+        """Create the zmq context, the control thread and (channel auto/nixl) the NIXL agent."""
         if self._started:
             return
         self._started = True
         self._ctx = zmq.Context()
+        self._ctl = ControlLoop(self._ctx, self._housekeeping, self._on_unmatched)
+        self._ctl.start()
         if self.config.channel in ("auto", "nixl"):
             try:
                 from lmcache_disagg.transfer.nixl_agent import NixlAgent
@@ -627,6 +639,9 @@ class KVSender:
             self._peers.clear()
         for peer in peers:
             peer.close()
+        if self._ctl is not None:
+            self._ctl.stop()
+            self._ctl = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -645,6 +660,9 @@ class KVSender:
     def _release_page(self, page: SendPage) -> None:
         self.send_pool.release(page)
         self.metrics.pool_pages_used.set(self.send_pool.in_use())
+
+    def _release_pages(self, pages: list[SendPage]) -> None:
+        self.metrics.pool_pages_used.set(self.send_pool.release_many(pages))
 
     def channel_for(self, target: str) -> str | None:
         """The channel of the cached session with ``target`` (None when not connected)."""
@@ -732,6 +750,19 @@ class KVSender:
         return handle
 
     # -- peers ----------------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        """Control thread, every HOUSEKEEPING_INTERVAL: fail pushes past their deadline."""
+        with self._peers_lock:
+            peers = set(self._peers.values()) | self._running
+        for peer in peers:
+            peer.check_deadlines()
+
+    def _on_unmatched(self, peer: _Peer, reply: Reply) -> None:
+        """A reply nobody waits for. A late reservation is handed straight back."""
+        if isinstance(reply, ReserveReply) and not peer.closed:
+            with contextlib.suppress(TransferError):
+                peer.send_async(lambda rid: Cancel(rid, peer.session, reply.handle), None)
 
     def _thread_exited(self, peer: _Peer) -> None:
         with self._peers_lock:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 import xxhash
+
 from lmcache_disagg.transfer.errors import DeadlineExceeded, PeerClosed
 from lmcache_disagg.transfer.protocol import (
     FRAME_CHECKSUM_SPAN,
@@ -101,8 +102,11 @@ def send_all(
     deadline: float,
     stop: threading.Event,
 ) -> None:
-    """``sendmsg`` every byte of ``buffers`` (handling partial sends) before ``deadline``."""
-    views = [memoryview(b).cast("B") for b in buffers]
+    """``sendmsg`` every byte of ``buffers`` (handling partial sends) before ``deadline``.
+
+    Buffers must be byte-formatted (bytes, bytearray, or memoryviews of format "B").
+    """
+    views = list(buffers)
     while views:
         try:
             sent = sock.sendmsg(views)
@@ -125,7 +129,7 @@ def send_all(
                 sent -= len(head)
                 views.pop(0)
             else:
-                views[0] = head[sent:]
+                views[0] = memoryview(head)[sent:]
                 sent = 0
 
 

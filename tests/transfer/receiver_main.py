@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
+from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 from lmcache_disagg.transfer.receiver import KVReceiver
-
-from lmcache_disagg.config import LMCacheDisaggConfig
 
 
 def main() -> int:

@@ -13,11 +13,10 @@ import sys
 import time
 import traceback
 
+from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState
-
-from lmcache_disagg.config import LMCacheDisaggConfig
 from tests.transfer.utils import chunk_data, chunk_key, chunk_plan
 
 

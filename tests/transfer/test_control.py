@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from lmcache_disagg.transfer.errors import (
     AuthenticationFailed,
     DuplicateTransfer,
@@ -20,7 +21,6 @@ from lmcache_disagg.transfer.protocol import ErrorReply, LayoutFingerprint, Rese
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
-
 from tests.transfer.utils import (
     FP,
     FP_FIELDS,

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lmcache_disagg.transfer.protocol import (
     FRAME_CHUNK,
     FRAME_HEADER,
@@ -29,7 +30,6 @@ from lmcache_disagg.transfer.protocol import (
     encode,
 )
 from lmcache_disagg.transfer.receiver import KVReceiver
-
 from tests.transfer.utils import FP, RawPeer, make_config, wait_closed
 
 POISON = 0xAB

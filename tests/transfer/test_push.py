@@ -6,11 +6,11 @@ import random
 import time
 
 import pytest
+
 from lmcache_disagg.transfer.errors import TransferError
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
-
 from tests.transfer.utils import (
     CHANNELS,
     FP,

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 import xxhash
-from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
 from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,6 +162,7 @@ class RawPeer:
         self, endpoint: str, fingerprint: LayoutFingerprint = FP, secret: str | None = None
     ) -> None:
         import zmq
+
         from lmcache_disagg.transfer import auth
         from lmcache_disagg.transfer.protocol import PROTOCOL_VERSION, Auth, Hello, HelloReply
 
