@@ -33,6 +33,7 @@ import orjson
 from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.errors import ClientRequestError, ProxyError, UpstreamStatusError
 from lmcache_disagg.proxy.httpserver import Request, Responder
+from lmcache_disagg.proxy.kvprobe import KVPathProber
 from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.pd import PDFlow, RequestContext, error_body
 from lmcache_disagg.proxy.routing import Router
@@ -75,6 +76,11 @@ class ProxyApp:
         self._rid_counter = itertools.count(1)
         self._request_counters: dict[tuple[str, int], Any] = {}
         self._access = logging.getLogger(ACCESS_LOGGER)
+        self._kv_prober = (
+            KVPathProber(settings.timeouts.health, settings.cluster_secret, self.metrics)
+            if settings.kv_probe
+            else None
+        )
         self._health_task: asyncio.Task[None] | None = None
         self._probe_tasks: set[asyncio.Task[None]] = set()
         self._retry_after = str(settings.retry_after).encode()
@@ -102,6 +108,8 @@ class ProxyApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.client.close()
+        if self._kv_prober is not None:
+            self._kv_prober.shutdown()
 
     # -- health -----------------------------------------------------------------------------
     async def _health_loop(self) -> None:
@@ -122,6 +130,8 @@ class ProxyApp:
             healthy = status == 200
         except ProxyError:
             healthy = False
+        if healthy and worker.role == "decode" and self._kv_prober is not None:
+            healthy = await self._kv_prober.check(worker.kv)
         if healthy != worker.healthy:
             _log.info("worker %s %s is now %s", worker.role, worker.http,
                       "healthy" if healthy else "unhealthy")  # fmt: skip
@@ -228,6 +238,9 @@ class ProxyApp:
         except asyncio.CancelledError:
             status = 499  # client went away; upstream calls were cancelled with us
             raise
+        except (ConnectionError, TimeoutError):
+            status = 499  # client stopped reading (write deadline) or reset the connection
+            resp.abort()
         finally:
             if admitted:
                 self.inflight -= 1

@@ -117,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="request body bytes")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds requests in flight may take to finish after SIGTERM",
+    )
+    p.add_argument(
+        "--kv-probe",
+        action="store_true",
+        help="a D is healthy only if its KV listener answers the transfer handshake "
+        "(authenticated with the cluster secret from --config or "
+        "LMCACHE_CLUSTER_SECRET)",
+    )
     p.add_argument("--no-access-log", action="store_true")
     p.add_argument("--log-level", default="info")
     return p  # fmt: skip
@@ -170,6 +183,11 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         breaker_cooldown=args.breaker_cooldown,
         max_body=args.max_body,
         access_log=not args.no_access_log,
+        shutdown_grace=args.shutdown_grace,
+        kv_probe=args.kv_probe,
+        cluster_secret=(cfg.cluster_secret if cfg is not None else None)
+        or env.get("LMCACHE_CLUSTER_SECRET")
+        or None,
         workers=args.workers,
     )
 
@@ -191,7 +209,10 @@ async def _serve_process(settings: ProxySettings, reuse_port: bool) -> None:
     try:
         await stop.wait()
     finally:
-        server.close()
+        server.close()  # stop accepting; let requests in flight finish within the grace period
+        deadline = loop.time() + settings.shutdown_grace
+        while app.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         await app.stop()
 
 

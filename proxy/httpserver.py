@@ -13,8 +13,9 @@ Contract:
 * If the client goes away, the running handler task is cancelled (``CancelledError`` is raised in
   it at its next await). Handlers must not swallow that cancellation.
 * Bodies larger than ``max_body`` are refused with 413 without calling the handler.
-* Keep-alive connections idle for ``keep_alive_timeout`` seconds are closed, and a request whose
-  headers+body take longer than ``request_read_timeout`` is answered 408.
+* Keep-alive connections idle for ``keep_alive_timeout`` seconds are closed, a request whose
+  headers+body take longer than ``request_read_timeout`` is answered 408, and a client that stops
+  reading a streamed answer for ``write_timeout`` seconds is disconnected.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ServerLimits:
     max_header_bytes: int = 64 * 1024
     keep_alive_timeout: float = 75.0
     request_read_timeout: float = 30.0
+    write_timeout: float = 60.0
+    """A streaming write waits at most this long for a slow client before the connection drops."""
 
 
 class Request:
@@ -388,7 +391,12 @@ class _Connection(asyncio.Protocol):
             return
         if self._drain_waiter is None:
             self._drain_waiter = self._loop.create_future()
-        await self._drain_waiter
+        waiter = self._drain_waiter
+        handle = self._loop.call_later(self._limits.write_timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
 
     def abort(self, reset: bool = False) -> None:
         if self._transport is not None:
@@ -398,6 +406,11 @@ class _Connection(asyncio.Protocol):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self._transport.abort()
         self.closed = True
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("client did not read the response in time"))
 
 
 def make_listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:

@@ -61,6 +61,12 @@ class ProxyMetrics:
             ["field"],
             registry=r,
         )
+        self.kv_probe_failures = Counter(
+            "lmcache_proxy_kv_probe_failures",
+            "Failed KV-path probes of decode workers by reason",
+            ["endpoint", "reason"],
+            registry=r,
+        )
         self.rejected = Counter(
             "lmcache_proxy_rejected", "Requests refused before routing", ["reason"], registry=r
         )

@@ -95,6 +95,11 @@ class ProxySettings:
     max_body: int = 4 * 1024 * 1024
     max_tokens_limit: int = 1 << 20
     access_log: bool = True
+    kv_probe: bool = False
+    """Health of a D also requires its KV listener to answer the transfer handshake."""
+    cluster_secret: str | None = None
+    """Used only by the KV probe (authenticated handshake). Never logged."""
+    shutdown_grace: float = 10.0
     workers: int = 1
     upstream_pool_size: int = 1024
 
@@ -110,7 +115,7 @@ class ProxySettings:
         shown = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("_key") and value is not None:
+            if (f.name.endswith("_key") or f.name == "cluster_secret") and value is not None:
                 value = "<set>"
             shown.append(f"{f.name}={value!r}")
         return f"ProxySettings({', '.join(shown)})"
