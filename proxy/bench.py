@@ -268,6 +268,28 @@ def run_fault_load(
             proc.stop()
 
 
+def _clients(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    from lmcache_disagg.proxy.clientbench import compare_clients
+
+    port = free_port()
+    stub = start_stub("decode", port, log_dir)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=stub)
+        rounds: list[dict[str, Any]] = [
+            compare_clients(f"127.0.0.1:{port}", args.requests or 5000, args.concurrency)
+            for _ in range(args.rounds)
+        ]
+    finally:
+        stub.stop()
+    result = {
+        name: statistics.median(r[name] for r in rounds) if rounds[0][name] else None
+        for name in rounds[0]
+    }
+    for name, rate in result.items():
+        print(f"  {name:32} {rate:9.0f} req/s" if rate else f"  {name:32} not installed")
+    return result
+
+
 def _print_table(summary: dict[str, Any]) -> None:
     for mode, rows in summary.items():
         print(f"\n{mode}:")
@@ -295,12 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--no-router", action="store_true")
     parser.add_argument("--faults", action="store_true", help="the fault-injection run")
+    parser.add_argument("--clients", action="store_true",
+                        help="compare upstream HTTP clients (aiohttp, httpx, ours) on one stub")  # fmt: skip
     parser.add_argument("--include-die", action="store_true",
                         help="--faults: also let D die mid-stream (in-band SSE errors)")  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lmcache-bench-proxy-") as tmp:
         log_dir = Path(tmp)
-        if args.faults:
+        out: dict[str, Any]
+        if args.clients:
+            out = {"mode": "clients", "req_per_s": _clients(args, log_dir)}
+        elif args.faults:
             result = run_fault_load(
                 args.requests or 10000, args.concurrency, log_dir, include_die=args.include_die
             )
@@ -310,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"proxy RSS MiB per segment: {result['rss_mib_per_segment']}")
             print(f"retries/fallbacks: {result['counters']}")
-            out: dict[str, Any] = {"mode": "faults", **result}
+            out = {"mode": "faults", **result}
         else:
             args.requests = args.requests or 2000
             summary = _throughput(args, log_dir)
