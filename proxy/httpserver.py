@@ -127,8 +127,12 @@ class Responder:
         headers: Iterable[tuple[bytes, bytes]] = (),
         content_type: bytes = b"text/event-stream",
         first_chunk: bytes = b"",
+        end: bool = False,
     ) -> None:
-        """Send the status line and headers of a chunked response (optionally with a first chunk)."""
+        """Send the status line and headers of a chunked response (optionally with a first chunk).
+
+        ``end=True`` also terminates the response, all in one write (one syscall).
+        """
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
@@ -142,6 +146,9 @@ class Responder:
         )
         if first_chunk:
             head += b"%x\r\n%s\r\n" % (len(first_chunk), first_chunk)
+        if end:
+            head += b"0\r\n\r\n"
+            self.finished = True
         self._conn.write(head)
 
     async def write(self, chunk: bytes) -> None:

@@ -347,6 +347,14 @@ class PDFlow:
             patcher = SSEUsagePatcher(ctx.pushed_tokens, ctx.prefill_prompt_tokens)
             first = patcher.feed(first)
         ctx.status = up.status
+        # When D's whole answer is already here (short answers), headers, body and terminator go
+        # out in one write; likewise the last chunk carries the terminator. Fewer syscalls.
+        if up.at_eof:
+            tail = patcher.flush() if patcher is not None else b""
+            resp.start_stream(
+                up.status, self._resp_headers(ctx), first_chunk=first + tail, end=True
+            )
+            return
         resp.start_stream(up.status, self._resp_headers(ctx), first_chunk=first)
         idle = self._s.timeouts.idle
         try:
@@ -356,6 +364,11 @@ class PDFlow:
                     break
                 if patcher is not None:
                     data = patcher.feed(data)
+                if up.at_eof:
+                    if patcher is not None:
+                        data += patcher.flush()
+                    resp.end_stream(data)
+                    return
                 await resp.write(data)
         except UpstreamError as exc:
             ctx.error = str(exc)

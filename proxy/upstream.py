@@ -194,6 +194,12 @@ class UpstreamStream:
         self.status = conn.status
         self.content_type = conn.content_type
 
+    @property
+    def at_eof(self) -> bool:
+        """True once the whole answer has arrived and been read (no further read needed)."""
+        conn = self._conn
+        return conn.done and not conn._chunks
+
     async def read(self, timeout: float | None) -> bytes:
         """The next body bytes available (b"" at the end). Raises UpstreamTimeout/Unavailable."""
         conn = self._conn
