@@ -53,7 +53,15 @@ import torch
 
 from lmcache_disagg.kernels.errors import ChunkError, LayoutError
 
-__all__ = ["KVLayout", "LayoutKind", "chunk_view", "expand_block_ids"]
+__all__ = [
+    "KVLayout",
+    "LayerGroup",
+    "LayoutKind",
+    "chunk_view",
+    "expand_block_ids",
+    "layer_groups",
+    "stack_layers",
+]
 
 LayoutKind = Literal["cpu", "flash_nhd", "flash_hnd", "mla"]
 LAYOUT_KINDS: tuple[str, ...] = get_args(LayoutKind)
@@ -251,6 +259,47 @@ def _as_4d(layout: KVLayout, kv_cache: torch.Tensor) -> torch.Tensor:
             f"{list(kv_cache.shape)}"
         )
     return kv_cache
+
+
+def stack_layers(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[L, *cache]`` view if the caches are equally spaced, same-strided windows of one
+    storage (vLLM's layer-outermost group allocation), else None."""
+    c0 = kv_caches[0]
+    if len(kv_caches) == 1:
+        return c0.unsqueeze(0)
+    step = kv_caches[1].storage_offset() - c0.storage_offset()
+    if step <= 0:
+        return None
+    ptr = c0.untyped_storage().data_ptr()
+    for layer, cache in enumerate(kv_caches):
+        if (
+            cache.storage_offset() != c0.storage_offset() + layer * step
+            or cache.stride() != c0.stride()
+            or cache.untyped_storage().data_ptr() != ptr
+        ):
+            return None
+    return c0.as_strided((len(kv_caches), *c0.shape), (step, *c0.stride()), c0.storage_offset())
+
+
+LayerGroup = tuple[slice, list[tuple[int, torch.Tensor]]]
+
+
+def layer_groups(layout: KVLayout, kv_caches: Sequence[torch.Tensor]) -> list[LayerGroup]:
+    """What a kernel moves: ``[(layers, [(first kv, cells [L', B, N, H, kv, D]), ...]), ...]``.
+
+    One group covering all layers when :func:`stack_layers` succeeds, else one group per layer.
+    ``chunk[layers, first_kv : first_kv + kv]`` (moved to ``[L', tokens, H, kv, D]``) pairs with
+    the cells. The caches have been validated.
+    """
+    stacked = stack_layers(kv_caches)
+    if stacked is not None:
+        groups = [(slice(0, len(kv_caches)), stacked)]
+    else:
+        groups = [(slice(i, i + 1), c.unsqueeze(0)) for i, c in enumerate(kv_caches)]
+    # MLA caches may come squeezed ([B, N, C], MLAAttention.bind_kv_cache).
+    return [
+        (layers, layout.cell_views(c.unsqueeze(-3) if c.dim() == 4 else c)) for layers, c in groups
+    ]
 
 
 def chunk_view(

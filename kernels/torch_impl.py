@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-from lmcache_disagg.kernels.layouts import KVLayout
+from lmcache_disagg.kernels.layouts import KVLayout, layer_groups
 
-__all__ = ["block_runs", "gather", "scatter", "stack_layers", "token_indices"]
+__all__ = ["block_runs", "gather", "scatter", "token_indices"]
 
 # Above this many copy_ calls their overhead (a few us each) loses to the index kernels.
 MAX_RUN_COPIES = 160
@@ -56,31 +56,6 @@ def block_runs(
     return runs
 
 
-def stack_layers(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """``[L, *cache]`` view if the caches are equally spaced, same-strided windows of one
-    storage (vLLM's layer-outermost allocation), else None."""
-    c0 = kv_caches[0]
-    if len(kv_caches) == 1:
-        return c0.unsqueeze(0)
-    step = kv_caches[1].storage_offset() - c0.storage_offset()
-    if step <= 0:
-        return None
-    ptr = c0.untyped_storage().data_ptr()
-    for layer, cache in enumerate(kv_caches):
-        if (
-            cache.storage_offset() != c0.storage_offset() + layer * step
-            or cache.stride() != c0.stride()
-            or cache.untyped_storage().data_ptr() != ptr
-        ):
-            return None
-    return c0.as_strided((len(kv_caches), *c0.shape), (step, *c0.stride()), c0.storage_offset())
-
-
-def _as_4d(layout: KVLayout, cache: torch.Tensor, lead: int) -> torch.Tensor:
-    # MLA caches may come squeezed ([B, N, C], MLAAttention.bind_kv_cache).
-    return cache.unsqueeze(-3) if cache.dim() == 3 + lead else cache
-
-
 def _runs_copy(
     layout: KVLayout,
     chunk: torch.Tensor,
@@ -90,21 +65,16 @@ def _runs_copy(
     max_copies: int,
 ) -> bool:
     """Move the runs with ``copy_``; False (nothing done) if that would take too many calls."""
-    stacked = stack_layers(kv_caches)
-    if stacked is not None:
-        targets = [(chunk, _as_4d(layout, stacked, 1))]
-    else:
-        targets = [(chunk[layer], _as_4d(layout, c, 0)) for layer, c in enumerate(kv_caches)]
-    parts = [(c, layout.cell_views(cache)) for c, cache in targets]
-    if len(runs) * sum(len(p) for _, p in parts) > max_copies:
+    groups = layer_groups(layout, kv_caches)
+    if len(runs) * sum(len(cells) for _, cells in groups) > max_copies:
         return False
-    for ch, cells in parts:
+    for layers, cells in groups:
         for kv0, view in cells:
-            kv = slice(kv0, kv0 + view.shape[-2])
+            part = chunk[layers, kv0 : kv0 + view.shape[-2]]
             for i, block, slot, length in runs:
-                # chunk [..., kv, tokens, H, D] -> [..., tokens, H, kv, D] to match the cells
-                dst = ch[..., kv, i : i + length, :, :].movedim(-4, -2)
-                src = view[..., block, slot : slot + length, :, :, :]
+                # chunk [L', kv, tokens, H, D] -> [L', tokens, H, kv, D] to match the cells
+                dst = part[:, :, i : i + length].movedim(1, 3)
+                src = view[:, block, slot : slot + length]
                 if to_chunk:
                     dst.copy_(src)
                 else:

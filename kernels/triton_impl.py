@@ -1,9 +1,10 @@
 """Triton gather/scatter for GPU caches; runs on CPU tensors under ``TRITON_INTERPRET=1``.
 
-One program moves ``BLOCK_T`` tokens of one layer's K (or V, or MLA latent) view, all heads and
-the whole head dim, as a ``[BLOCK_T, heads*head_dim]`` tile. The view's four strides are kernel arguments, so one
-kernel serves every layout (:meth:`KVLayout.token_views` builds the views), and the block table
-is read inside the kernel, so no index tensors are built on the host.
+One program moves ``BLOCK_T`` tokens of one layer's K or V (or MLA latent), all heads and the
+whole head dim, as a ``[BLOCK_T, heads*head_dim]`` tile; the grid is (token tiles, layers, K/V).
+The cell view's strides are kernel arguments, so one kernel serves every layout
+(:func:`layer_groups` builds the views), and the block table is read inside the kernel, so no
+index tensors are built on the host.
 
 Import guard: like ``vllm/triton_utils``, this module imports without Triton; ``HAS_TRITON``
 says whether the launchers can run. ``TRITON_INTERPRET`` is read by Triton when it is first
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from lmcache_disagg.kernels.errors import KernelError
-from lmcache_disagg.kernels.layouts import KVLayout
+from lmcache_disagg.kernels.layouts import KVLayout, layer_groups
 
 __all__ = ["HAS_TRITON", "gather", "scatter"]
 
@@ -49,35 +50,48 @@ except ImportError:  # pragma: no cover - triton is present wherever tests run
 
 
 @triton.jit
-def _token_offsets(  # type: ignore[no-untyped-def]
+def _tile_offsets(  # type: ignore[no-untyped-def]
     block_ids_ptr,
     token_start,
     num_tokens,
     block_size,
     num_heads,
     head_dim,
+    s_layer,
+    s_kv,
     s_blk,
     s_slot,
     s_head,
     s_dim,
+    d_layer,
+    d_kv,
     d_tok,
     d_head,
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
 ):
-    """Cache and chunk offsets plus mask of this program's ``[BLOCK_T, BLOCK_HD]`` tile."""
+    """Cache and chunk offsets plus mask of this program's ``[BLOCK_T, BLOCK_HD]`` tile.
+
+    Grid: (token tiles, layers, kv). Offsets are int64: a cache can exceed 2**31 elements.
+    """
+    layer = tl.program_id(1).to(tl.int64)
+    kv = tl.program_id(2).to(tl.int64)
     i = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = i < num_tokens
     pos = token_start + i
     blk = tl.load(block_ids_ptr + pos // block_size, mask=t_mask, other=0).to(tl.int64)
-    slot = pos % block_size
+    slot = (pos % block_size).to(tl.int64)
     # heads x head_dim flattened into one axis so a small head_dim still fills the tile.
     hd = tl.arange(0, BLOCK_HD)
-    h = hd // head_dim
-    d = hd % head_dim
+    h = (hd // head_dim).to(tl.int64)
+    d = (hd % head_dim).to(tl.int64)
     mask = t_mask[:, None] & (hd < num_heads * head_dim)[None, :]
-    cache_off = (blk * s_blk + slot * s_slot)[:, None] + (h * s_head + d * s_dim)[None, :]
-    chunk_off = i.to(tl.int64)[:, None] * d_tok + (h * d_head + d)[None, :]
+    cache_base = layer * s_layer + kv * s_kv
+    cache_off = (
+        cache_base + (blk * s_blk + slot * s_slot)[:, None] + (h * s_head + d * s_dim)[None, :]
+    )
+    chunk_base = layer * d_layer + kv * d_kv
+    chunk_off = chunk_base + i.to(tl.int64)[:, None] * d_tok + (h * d_head + d)[None, :]
     return cache_off, chunk_off, mask
 
 
@@ -91,18 +105,23 @@ def _gather_kernel(  # type: ignore[no-untyped-def]
     block_size,
     num_heads,
     head_dim,
+    s_layer,
+    s_kv,
     s_blk,
     s_slot,
     s_head,
     s_dim,
+    d_layer,
+    d_kv,
     d_tok,
     d_head,
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
 ):
-    cache_off, chunk_off, mask = _token_offsets(
+    cache_off, chunk_off, mask = _tile_offsets(
         block_ids_ptr, token_start, num_tokens, block_size, num_heads, head_dim,
-        s_blk, s_slot, s_head, s_dim, d_tok, d_head, BLOCK_T, BLOCK_HD,
+        s_layer, s_kv, s_blk, s_slot, s_head, s_dim, d_layer, d_kv, d_tok, d_head,
+        BLOCK_T, BLOCK_HD,
     )  # fmt: skip
     x = tl.load(cache_ptr + cache_off, mask=mask)
     tl.store(chunk_ptr + chunk_off, x, mask=mask)
@@ -118,18 +137,23 @@ def _scatter_kernel(  # type: ignore[no-untyped-def]
     block_size,
     num_heads,
     head_dim,
+    s_layer,
+    s_kv,
     s_blk,
     s_slot,
     s_head,
     s_dim,
+    d_layer,
+    d_kv,
     d_tok,
     d_head,
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
 ):
-    cache_off, chunk_off, mask = _token_offsets(
+    cache_off, chunk_off, mask = _tile_offsets(
         block_ids_ptr, token_start, num_tokens, block_size, num_heads, head_dim,
-        s_blk, s_slot, s_head, s_dim, d_tok, d_head, BLOCK_T, BLOCK_HD,
+        s_layer, s_kv, s_blk, s_slot, s_head, s_dim, d_layer, d_kv, d_tok, d_head,
+        BLOCK_T, BLOCK_HD,
     )  # fmt: skip
     x = tl.load(chunk_ptr + chunk_off, mask=mask)
     tl.store(cache_ptr + cache_off, x, mask=mask)
@@ -145,43 +169,6 @@ def _require_triton() -> None:
         raise KernelError("Triton is not installed; the Triton KV kernels cannot run")
 
 
-def _launch(
-    kernel: Any,
-    view: torch.Tensor,
-    chunk_slice: torch.Tensor,
-    layout: KVLayout,
-    block_ids: torch.Tensor,
-    token_start: int,
-    num_tokens: int,
-) -> None:
-    s_blk, s_slot, s_head, s_dim = view.stride()
-    d_tok, d_head, d_dim = chunk_slice.stride()
-    if d_dim != 1:
-        raise KernelError("the chunk's head_dim axis must be contiguous")
-    block_hd = triton.next_power_of_2(layout.num_kv_heads * layout.head_dim)
-    block_t = max(1, min(_TILE_ELEMS // block_hd, _MAX_TILE_TOKENS))
-    block_t = min(block_t, triton.next_power_of_2(num_tokens))
-    grid = (-(-num_tokens // block_t),)
-    kernel[grid](
-        view,
-        chunk_slice,
-        block_ids,
-        token_start,
-        num_tokens,
-        layout.block_size,
-        layout.num_kv_heads,
-        layout.head_dim,
-        s_blk,
-        s_slot,
-        s_head,
-        s_dim,
-        d_tok,
-        d_head,
-        BLOCK_T=block_t,
-        BLOCK_HD=block_hd,
-    )
-
-
 def _run(
     kernel: Any,
     chunk: torch.Tensor,
@@ -191,12 +178,41 @@ def _run(
     token_start: int,
     token_end: int,
 ) -> None:
+    """One launch per layer group (all layers when they share one allocation) and cell view."""
     _require_triton()
-    n = token_end - token_start
-    for layer, cache in enumerate(kv_caches):
-        k, v = layout.token_views(cache)
-        for kv, view in enumerate((k,) if v is None else (k, v)):
-            _launch(kernel, view, chunk[layer, kv], layout, block_ids, token_start, n)
+    num_tokens = token_end - token_start
+    block_hd = triton.next_power_of_2(layout.num_kv_heads * layout.head_dim)
+    block_t = max(1, min(_TILE_ELEMS // block_hd, _MAX_TILE_TOKENS))
+    block_t = min(block_t, triton.next_power_of_2(num_tokens))
+    tiles = -(-num_tokens // block_t)
+    for layers, cells in layer_groups(layout, kv_caches):
+        for kv0, view in cells:
+            # view [L', B, N, H, kv, D]; part [L', kv, n, H, D] (contiguous head_dim)
+            part = chunk[layers, kv0 : kv0 + view.shape[-2]]
+            s_layer, s_blk, s_slot, s_head, s_kv, s_dim = view.stride()
+            d_layer, d_kv, d_tok, d_head, _ = part.stride()
+            kernel[(tiles, view.shape[0], view.shape[-2])](
+                view,
+                part,
+                block_ids,
+                token_start,
+                num_tokens,
+                layout.block_size,
+                layout.num_kv_heads,
+                layout.head_dim,
+                s_layer,
+                s_kv,
+                s_blk,
+                s_slot,
+                s_head,
+                s_dim,
+                d_layer,
+                d_kv,
+                d_tok,
+                d_head,
+                BLOCK_T=block_t,
+                BLOCK_HD=block_hd,
+            )
 
 
 def gather(
@@ -207,8 +223,9 @@ def gather(
     token_end: int,
     out: torch.Tensor,
 ) -> None:
-    """Triton counterpart of :func:`lmcache_disagg.kernels.torch_impl.gather` (one launch per
-    layer and K/V, on the caches' stream). Arguments are validated by ``ops``."""
+    """Triton counterpart of :func:`lmcache_disagg.kernels.torch_impl.gather`, enqueued on the
+    current stream (one launch for all layers when they share one allocation, else one per
+    layer; ``cpu`` caches need separate K and V launches). Arguments are validated by ``ops``."""
     _run(_gather_kernel, out, kv_caches, layout, block_ids, token_start, token_end)
 
 
