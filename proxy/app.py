@@ -38,6 +38,7 @@ from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.pd import PDFlow, RequestContext, error_body
 from lmcache_disagg.proxy.routing import Router
 from lmcache_disagg.proxy.settings import ProxySettings, parse_worker_spec
+from lmcache_disagg.proxy.sharedstate import SharedWorkerList
 from lmcache_disagg.proxy.upstream import UpstreamClient
 from lmcache_disagg.proxy.validation import (
     estimate_tokens,
@@ -81,6 +82,9 @@ class ProxyApp:
             if settings.kv_probe
             else None
         )
+        self._shared = (
+            SharedWorkerList(settings.state_file, self.pool) if settings.state_file else None
+        )
         self._health_task: asyncio.Task[None] | None = None
         self._probe_tasks: set[asyncio.Task[None]] = set()
         self._retry_after = str(settings.retry_after).encode()
@@ -115,6 +119,8 @@ class ProxyApp:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.health_interval)
+            if self._shared is not None:
+                self._shared.load()  # new workers are probed by the round below
             await self._check_all()
 
     async def _check_all(self) -> None:
@@ -330,8 +336,13 @@ class ProxyApp:
                         "\"host:port\"[, \"kv\": \"host:port\"]}", "invalid_request_error")  # fmt: skip
             return
         assert isinstance(spec, dict)
+        if self._shared is not None:
+            for added in self._shared.load():
+                self._probe(added)
         if req.method == b"DELETE":
             if self.pool.remove(role, http):
+                if self._shared is not None:
+                    self._shared.save()
                 resp.send(200, b'{"removed":true}')
             else:
                 self._error(resp, 404, f"no {role} worker {http}", "not_found_error")
@@ -343,7 +354,13 @@ class ProxyApp:
         except ConfigError as exc:
             self._error(resp, 400, str(exc), "invalid_request_error")
             return
+        if self._shared is not None:
+            self._shared.save()
+        self._probe(worker)
+        resp.send(200, orjson.dumps({"added": worker.describe()}))
+
+    def _probe(self, worker: Worker) -> None:
+        """Health-check a newly added worker now rather than at the next round."""
         probe = asyncio.get_running_loop().create_task(self._check(worker))
         self._probe_tasks.add(probe)
         probe.add_done_callback(self._probe_tasks.discard)
-        resp.send(200, orjson.dumps({"added": worker.describe()}))

@@ -11,19 +11,23 @@ Keys come from flags or, preferably (flags show up in ``ps``), from the environm
 ``LMCACHE_PROXY_API_KEY``, ``LMCACHE_PROXY_ADMIN_KEY``, ``LMCACHE_PROXY_WORKER_KEY``.
 
 ``--workers N`` runs N processes sharing the port through ``SO_REUSEPORT``. Each has its own
-upstream pool, health checks and metrics; ``/workers`` changes apply to the process that served
-them, so use ``--workers 1`` (the default) when you manage workers at run time.
+upstream pool, health checks, concurrency limit and metrics (``/metrics`` shows the process that
+answered). ``/workers`` changes reach every process within one health interval through a shared
+state file (see ``sharedstate.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from lmcache_disagg.config import load_config
@@ -247,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.workers == 1:
         run(settings)
         return 0
+    state_dir = tempfile.mkdtemp(prefix="lmcache-proxy-")
+    settings = dataclasses.replace(settings, state_file=os.path.join(state_dir, "workers.json"))
     ctx = multiprocessing.get_context("spawn")
     children = [
         ctx.Process(target=_child, args=(settings, args.log_level), name=f"proxy-{i}")
@@ -264,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _forward)
     for child in children:
         child.join()
+    shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

@@ -95,6 +95,8 @@ class ProxySettings:
     max_body: int = 4 * 1024 * 1024
     max_tokens_limit: int = 1 << 20
     access_log: bool = True
+    state_file: str | None = None
+    """Set by the CLI for ``--workers N > 1``: the worker list shared by the processes."""
     kv_probe: bool = False
     """Health of a D also requires its KV listener to answer the transfer handshake."""
     cluster_secret: str | None = None
