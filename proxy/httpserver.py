@@ -281,6 +281,12 @@ class _Connection(asyncio.Protocol):
         length = self._headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._limits.max_body:
             self._too_large = True
+        elif (
+            self._headers.get(b"expect", b"").lower() == b"100-continue"
+            and self._transport is not None
+        ):
+            # curl sends this for bodies over 1 KiB and would otherwise stall for a second.
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self._too_large:

@@ -93,3 +93,24 @@ def _post_fuzz(proxy: ProxyHandle, body: dict[str, object], chat: bool) -> None:
     path = "/v1/chat/completions" if chat else "/v1/completions"
     resp = httpx.post(proxy.url + path, content=json.dumps(body).encode(), timeout=10)
     assert resp.status_code < 500, (body, resp.status_code, resp.text)
+
+
+def test_expect_100_continue_is_answered(cluster: Cluster) -> None:
+    proxy = cluster.proxy()
+    body = json.dumps({"model": "stub-model", "prompt": "word " * 500, "max_tokens": 2}).encode()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    import socket
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while b'"usage"' not in answer:
+            chunk = sock.recv(65536)
+            assert chunk
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK")
