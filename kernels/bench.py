@@ -3,8 +3,9 @@
 For each shape (a Llama-8B-like chunk and the tiny test model's) and each layout that runs on the
 CPU, it times gather and scatter of one 256-token chunk whose blocks are scattered through the
 cache, interleaved with ``torch.Tensor.copy_`` of the same number of bytes between two contiguous
-buffers, and reports medians and the ratios to ``copy_``. The machine is shared and noisy: read
-the ratios, not the absolute numbers.
+buffers. It reports the best of the interleaved rounds (the ratios of bests are what the
+acceptance bar uses) and the medians. The machine is shared and noisy: read the ratios, not the
+absolute numbers.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ SHAPES = {
 }
 
 
-def _median_seconds(fns: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
-    """Run each fn once to warm up, then ``iters`` rounds interleaving them; median per fn."""
+def _timings(fns: dict[str, Callable[[], None]], iters: int) -> dict[str, list[float]]:
+    """Run each fn once to warm up, then ``iters`` rounds interleaving them (so a noisy
+    neighbour slows all of them alike); seconds per call."""
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -61,7 +63,7 @@ def _median_seconds(fns: dict[str, Callable[[], None]], iters: int) -> dict[str,
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
 
 
 def bench_one(
@@ -82,7 +84,7 @@ def bench_one(
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8)
     n = shape.num_tokens
-    secs = _median_seconds(
+    samples = _timings(
         {
             "copy": lambda: dst.copy_(src),  # type: ignore[dict-item]
             "gather": lambda: gather(caches, layout, block_ids, 0, n, out, impl=impl),
@@ -90,16 +92,21 @@ def bench_one(
         },
         iters,
     )
-    gbps = {name: nbytes / s / 1e9 for name, s in secs.items()}
+    best = {name: nbytes / min(s) / 1e9 for name, s in samples.items()}
+    median = {name: nbytes / statistics.median(s) / 1e9 for name, s in samples.items()}
     return {
         "shape": shape.name,
         "layout": kind,
         "bytes": nbytes,
-        "copy_gbps": round(gbps["copy"], 2),
-        "gather_gbps": round(gbps["gather"], 2),
-        "scatter_gbps": round(gbps["scatter"], 2),
-        "gather_ratio": round(gbps["gather"] / gbps["copy"], 3),
-        "scatter_ratio": round(gbps["scatter"] / gbps["copy"], 3),
+        # best of the interleaved rounds (least disturbed by the other tenants of the box)
+        "copy_gbps": round(best["copy"], 2),
+        "gather_gbps": round(best["gather"], 2),
+        "scatter_gbps": round(best["scatter"], 2),
+        "gather_ratio": round(best["gather"] / best["copy"], 3),
+        "scatter_ratio": round(best["scatter"] / best["copy"], 3),
+        "median_gbps": {name: round(v, 2) for name, v in median.items()},
+        "median_gather_ratio": round(median["gather"] / median["copy"], 3),
+        "median_scatter_ratio": round(median["scatter"] / median["copy"], 3),
     }
 
 
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lmcache-disagg bench kernels``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="lmcache-disagg bench kernels", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
-    parser.add_argument("--iters", type=int, default=15, help="timed rounds per measurement")
+    parser.add_argument("--iters", type=int, default=25, help="timed rounds per measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="repeatable")
     parser.add_argument("--layout", choices=CPU_KINDS, action="append", help="repeatable")
@@ -128,12 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     report = run(args.shape or list(SHAPES), args.layout or list(CPU_KINDS), args.iters)
     header = f"{'shape':<8} {'layout':<10} {'MiB':>7} {'copy_':>7} {'gather':>7} {'ratio':>6}"
-    print(f"{header} {'scatter':>7} {'ratio':>6}   (GB/s, torch threads={report['torch_threads']})")
+    print(
+        f"{header} {'scatter':>7} {'ratio':>6}   (GB/s, best of {report['iters']} rounds; "
+        f"median ratios; torch threads={report['torch_threads']})"
+    )
     for r in report["results"]:
         print(
             f"{r['shape']:<8} {r['layout']:<10} {r['bytes'] / 2**20:>7.2f} {r['copy_gbps']:>7.2f} "
             f"{r['gather_gbps']:>7.2f} {r['gather_ratio']:>6.2f} {r['scatter_gbps']:>7.2f} "
-            f"{r['scatter_ratio']:>6.2f}"
+            f"{r['scatter_ratio']:>6.2f}   median {r['median_gather_ratio']:.2f} / "
+            f"{r['median_scatter_ratio']:.2f}"
         )
     if args.json:
         print(json.dumps(report))
