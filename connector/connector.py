@@ -1,0 +1,266 @@
+"""``LMCacheDisaggConnector``: the thin vLLM ``KVConnectorBase_V1`` facade.
+
+Load it with::
+
+    --kv-transfer-config '{"kv_connector": "LMCacheDisaggConnector",
+                           "kv_connector_module_path": "lmcache_disagg.connector",
+                           "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"channel": "tcp", "listen_port": 17555}}'
+
+``kv_connector_extra_config`` holds lmcache-disagg config keys (see ``configs/``); they override
+``LMCACHE_CONFIG_FILE`` and are overridden by ``LMCACHE_<KEY>`` env vars. The facade builds a
+:class:`~lmcache_disagg.connector.scheduler.ConnectorScheduler` in the scheduler process or a
+:class:`~lmcache_disagg.connector.worker.ConnectorWorker` in each worker and forwards every hook.
+
+Failure policy: a failed load must be recomputed, never used and never fail the request, so the
+connector sets ``kv_load_failure_policy = "recompute"`` when it was left at vLLM's default
+``"fail"`` (it is read by the scheduler right after the connector is built).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+
+from lmcache_disagg.config import load_config
+from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
+from lmcache_disagg.connector.scheduler import ConnectorScheduler
+from lmcache_disagg.connector.stats import LMCacheDisaggPromMetrics, LMCacheDisaggStats
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+    from lmcache_disagg.connector.worker import ConnectorWorker
+
+__all__ = ["LMCacheDisaggConnector"]
+
+logger = logging.getLogger(__name__)
+
+
+def _model_id(vllm_config: VllmConfig) -> str:
+    """The model part of the fingerprint: the served name, else the model path's last part.
+
+    P and D may mount the same weights at different paths; everything that shapes the KV bytes
+    (dtype, layers, heads, head dim) is in the fingerprint separately.
+    """
+    model_config = vllm_config.model_config
+    names = getattr(model_config, "served_model_name", None)
+    if isinstance(names, list | tuple) and names:
+        names = names[0]
+    if isinstance(names, str) and names and names != model_config.model:
+        return names
+    return str(model_config.model).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _route_logs_to_vllm() -> None:
+    """Send ``lmcache_disagg.*`` records through vLLM's handlers (same format, same stream)."""
+    ours = logging.getLogger("lmcache_disagg")
+    if ours.handlers:
+        return
+    for handler in logging.getLogger("vllm").handlers:
+        ours.addHandler(handler)
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
+class LMCacheDisaggConnector(KVConnectorBase_V1):
+    """Push-model PD connector: P pushes prompt KV chunks into D's pool while it prefills."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        _route_logs_to_vllm()
+        transfer_config = self._kv_transfer_config
+        extra = dict(transfer_config.kv_connector_extra_config or {})
+        self.config = load_config(overrides=extra)
+        is_producer = bool(transfer_config.is_kv_producer)
+        is_consumer = bool(transfer_config.is_kv_consumer)
+        self.connector_scheduler: ConnectorScheduler | None = None
+        self.connector_worker: ConnectorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if is_consumer and transfer_config.kv_load_failure_policy != "recompute":
+                logger.warning(
+                    "lmcache-disagg: setting kv_load_failure_policy=recompute (was %r): a failed "
+                    "KV load must be recomputed, never fail the request",
+                    transfer_config.kv_load_failure_policy,
+                )
+                transfer_config.kv_load_failure_policy = "recompute"
+            self.connector_scheduler = ConnectorScheduler(
+                self.config,
+                is_producer=is_producer,
+                is_consumer=is_consumer,
+                block_ids_of=self._block_ids_of,
+            )
+        else:
+            from vllm.distributed.parallel_state import (
+                get_tensor_model_parallel_rank,
+                get_tensor_model_parallel_world_size,
+            )
+
+            from lmcache_disagg.connector.worker import ConnectorWorker
+
+            self.connector_worker = ConnectorWorker(
+                self.config,
+                model=_model_id(vllm_config),
+                is_producer=is_producer,
+                is_consumer=is_consumer,
+                tp_rank=get_tensor_model_parallel_rank(),
+                tp_size=get_tensor_model_parallel_world_size(),
+                use_mla=bool(vllm_config.model_config.use_mla),
+            )
+
+    # ==============================================================================================
+    # Scheduler side (scheduler process, engine thread)
+    # ==============================================================================================
+
+    def _block_ids_of(self, req_id: str) -> list[int]:
+        manager = self._kv_cache_manager
+        assert manager is not None, "bind_kv_cache_manager() was not called"
+        groups = manager.get_block_ids(req_id)
+        if len(groups) != 1:
+            raise RuntimeError("lmcache-disagg supports models with one KV cache group only")
+        return list(groups[0])
+
+    def _sched(self) -> ConnectorScheduler:
+        assert self.connector_scheduler is not None, "scheduler hook called on a worker"
+        return self.connector_scheduler
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """D: prompt tokens P pushed (minus the last prompt token) to load asynchronously.
+
+        Called for each waiting request, possibly several times; never None (we know at once).
+        """
+        return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """P: start tracking a push. D: plan the load into the just-allocated blocks."""
+        self._sched().update_state_after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """Once per step: the pushes' progress and the new loads/releases for the workers."""
+        return self._sched().build_connector_meta(scheduler_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """P: return D's kv_transfer_params and keep the blocks until the push settled."""
+        return self._sched().request_finished(request)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._sched().update_connector_output(connector_output)
+
+    def has_pending_push_work(self) -> bool:
+        return self.connector_scheduler is not None and self.connector_scheduler.has_pending_work()
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """We write the request's own blocks of its only KV cache group."""
+        return (0,)
+
+    # ==============================================================================================
+    # Worker side (each worker process, engine thread)
+    # ==============================================================================================
+
+    def _work(self) -> ConnectorWorker:
+        assert self.connector_worker is not None, "worker hook called on the scheduler"
+        return self.connector_worker
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Once, after vLLM allocated its KV caches: start our endpoints."""
+        self._work().register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Before every forward: P starts reservations early, D registers its new loads."""
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, LMCacheDisaggMetadata):
+            self._work().bind(connector_metadata)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Loads are asynchronous and polled in get_transfer_results; nothing to start here."""
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Never: no synchronous, layer-wise loads."""
+        return None
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Unused: P pushes chunk-wise after the forward (see wait_for_save)."""
+        return None
+
+    def wait_for_save(self) -> None:
+        """After every forward: gather the chunks this step completed and start sending them."""
+        self._work().after_forward()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Once per step: settled pushes (blocks may be freed), loaded and failed loads."""
+        sending, recving, failed = self._work().transfer_results(finished_req_ids)
+        return KVConnectorTransferResults(
+            finished_sending=sending, finished_recving=recving, failed_recving=failed
+        )
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.connector_worker is None:
+            return None
+        return self.connector_worker.take_stats()
+
+    def shutdown(self) -> None:
+        if self.connector_worker is not None:
+            self.connector_worker.shutdown()
+
+    # ==============================================================================================
+    # Metrics (API server process)
+    # ==============================================================================================
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        return LMCacheDisaggStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return LMCacheDisaggPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues
+        )

@@ -1,0 +1,126 @@
+"""Describe a worker's vLLM KV caches for the kernels and the transfer layer; TP rank mapping.
+
+Called once per worker from ``register_kv_caches``. The layer order is the model's layer index
+(not dict order), so P and D agree on which chunk slice is which layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lmcache_disagg.config import split_host_port
+from lmcache_disagg.connector.errors import UnsupportedLayout
+from lmcache_disagg.kernels import KVLayout, LayoutError
+from lmcache_disagg.transfer.protocol import LayoutFingerprint
+
+__all__ = ["WorkerKV", "describe_kv_caches", "listen_port_for_rank", "target_for_rank"]
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class WorkerKV:
+    """One worker's KV caches in layer order, their layout and the transfer fingerprint."""
+
+    caches: list[torch.Tensor]
+    layout: KVLayout
+    fingerprint: LayoutFingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return self.caches[0].device
+
+
+def _layer_index(name: str) -> int:
+    found = _LAYER_INDEX.findall(f".{name}.")
+    if not found:
+        raise UnsupportedLayout(f"cannot tell the layer index of KV cache {name!r}")
+    return int(found[-1])
+
+
+def _cpu_isa_ok(layout: KVLayout) -> bool:
+    """The ``cpu`` kind matches vLLM's ``vec``/``vec16`` ISAs only (not AMX, see kernels)."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError:
+        return True
+    isa = _get_attn_isa(layout.dtype, layout.block_size, layout.head_dim)
+    return isa in ("vec", "vec16")
+
+
+def describe_kv_caches(
+    kv_caches: dict[str, torch.Tensor],
+    *,
+    model: str,
+    chunk_size: int,
+    tp_rank: int,
+    tp_size: int,
+    use_mla: bool,
+) -> WorkerKV:
+    """Order the caches by layer, pick the layout kind and build the fingerprint.
+
+    Raises UnsupportedLayout (the connector then stays inactive and everything is recomputed).
+    """
+    if not kv_caches:
+        raise UnsupportedLayout("no KV caches registered")
+    ordered = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
+    caches = [tensor for _, tensor in ordered]
+    if len({t.data_ptr() for t in caches}) != len(caches):
+        raise UnsupportedLayout("layers share KV cache tensors (KV sharing is not supported)")
+    first = caches[0]
+    if use_mla:
+        kinds: tuple[str, ...] = ("mla",)
+    elif first.device.type == "cpu":
+        kinds = ("cpu",)
+    else:
+        kinds = ("flash_nhd", "flash_hnd")
+    layout: KVLayout | None = None
+    errors = []
+    for kind in kinds:
+        try:
+            layout = KVLayout.from_cache(kind, first)  # type: ignore[arg-type]
+            break
+        except LayoutError as exc:
+            errors.append(str(exc))
+    if layout is None:
+        raise UnsupportedLayout("; ".join(errors))
+    if layout.kind == "cpu" and not _cpu_isa_ok(layout):
+        raise UnsupportedLayout("vLLM picked a CPU attention ISA whose KV layout is not supported")
+    for tensor in caches[1:]:
+        try:
+            layout.check_cache(tensor)
+        except LayoutError as exc:
+            raise UnsupportedLayout(f"layers differ in layout: {exc}") from exc
+    fingerprint = LayoutFingerprint(
+        model=model,
+        dtype=str(layout.dtype).removeprefix("torch."),
+        num_layers=len(caches),
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        chunk_size=chunk_size,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        kv_layout="canonical-mla-v1" if layout.kind == "mla" else "canonical-v1",
+    )
+    try:
+        fingerprint.validate()
+    except ValueError as exc:
+        raise UnsupportedLayout(str(exc)) from exc
+    return WorkerKV(caches, layout, fingerprint)
+
+
+def target_for_rank(target: str, tp_rank: int) -> str:
+    """P rank i pushes to D rank i, which listens on the base port + i (TP equal on both sides)."""
+    host, port = split_host_port(target)
+    if not 0 < port + tp_rank < 65536:
+        raise ValueError(f"push target {target} + rank {tp_rank} is not a valid port")
+    host_part = f"[{host}]" if ":" in host else host
+    return f"{host_part}:{port + tp_rank}"
+
+
+def listen_port_for_rank(base_port: int, tp_rank: int) -> int:
+    """D rank i listens on ``listen_port + i``; port 0 (pick any) stays 0."""
+    return 0 if base_port == 0 else base_port + tp_rank

@@ -1,0 +1,211 @@
+"""Worker side of the connector: owns the transfer endpoints, the pusher (P) and the loader (D).
+
+One :class:`ConnectorWorker` per vLLM worker process (one per TP rank). All methods are called
+from the worker's engine thread, in this order every step: :meth:`bind` (metadata, before the
+forward), the forward, :meth:`after_forward` (``wait_for_save``), :meth:`transfer_results`.
+
+A worker whose KV layout is not supported, or whose endpoint could not start, stays *inactive*: it
+pushes nothing and fails every load at once, so vLLM recomputes - output stays correct.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.connector.device import make_copy_engine
+from lmcache_disagg.connector.errors import UnsupportedLayout
+from lmcache_disagg.connector.kvcache import WorkerKV, describe_kv_caches, listen_port_for_rank
+from lmcache_disagg.connector.loader import Loader
+from lmcache_disagg.connector.logonce import LogOnce
+from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
+from lmcache_disagg.connector.pusher import Pusher
+from lmcache_disagg.connector.stats import LMCacheDisaggStats, StatsRecorder
+from lmcache_disagg.transfer.errors import TransferError
+
+if TYPE_CHECKING:
+    from lmcache_disagg.transfer import KVReceiver, KVSender
+
+__all__ = ["ConnectorWorker"]
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT = 0.002
+"""On a step with nothing to compute, wait up to this long for an arriving transfer instead of
+letting the engine loop spin (2 cores are shared by P, D and the proxy here)."""
+
+
+class ConnectorWorker:
+    """The worker half. ``is_producer``/``is_consumer`` come from ``kv_role`` (both for kv_both)."""
+
+    def __init__(
+        self,
+        config: LMCacheDisaggConfig,
+        *,
+        model: str,
+        is_producer: bool,
+        is_consumer: bool,
+        tp_rank: int,
+        tp_size: int,
+        use_mla: bool = False,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.use_mla = use_mla
+        self.stats = StatsRecorder()
+        self.log = LogOnce(logger)
+        self.kv: WorkerKV | None = None
+        self.sender: KVSender | None = None
+        self.receiver: KVReceiver | None = None
+        self.pusher: Pusher | None = None
+        self.loader: Loader | None = None
+        self._orphan_sends: set[str] = set()
+        self._orphan_loads: set[str] = set()
+        self._idle = False
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Describe the caches and start the endpoints (called once, before any step)."""
+        if kv_caches:
+            name, sample = next(iter(kv_caches.items()))
+            logger.info(
+                "lmcache-disagg: %d KV caches, e.g. %s %s strides %s %s",
+                len(kv_caches),
+                name,
+                list(sample.shape),
+                list(sample.stride()),
+                sample.dtype,
+            )
+        try:
+            self.kv = describe_kv_caches(
+                kv_caches,
+                model=self.model,
+                chunk_size=self.config.chunk_size,
+                tp_rank=self.tp_rank,
+                tp_size=self.tp_size,
+                use_mla=self.use_mla,
+            )
+        except UnsupportedLayout as exc:
+            logger.error("lmcache-disagg connector inactive (everything is recomputed): %s", exc)
+            return
+        from lmcache_disagg.transfer import KVReceiver, KVSender
+
+        kv = self.kv
+        copy_engine = make_copy_engine(kv.device)
+        try:
+            if self.is_consumer:
+                port = listen_port_for_rank(self.config.listen_port, self.tp_rank)
+                receiver = KVReceiver(self.config, kv.fingerprint, listen_port=port)
+                receiver.start()
+                self.receiver = receiver
+                self.loader = Loader(
+                    self.config,
+                    kv,
+                    receiver,
+                    copy_engine,
+                    self.stats,
+                    self.log,
+                    extend_ttl=receiver.pool.extend,
+                )
+                self.stats.gauge("pool_pages_total", receiver.pool.n_pages)
+                logger.info(
+                    "lmcache-disagg D rank %d: KV endpoint %s (%s), %d pool pages of %d bytes",
+                    self.tp_rank,
+                    receiver.endpoint,
+                    receiver.channel_kind,
+                    receiver.pool.n_pages,
+                    receiver.pool.page_bytes,
+                )
+            if self.is_producer:
+                sender = KVSender(self.config, kv.fingerprint)
+                sender.start()
+                self.sender = sender
+                self.pusher = Pusher(self.config, kv, sender, copy_engine, self.stats, self.log)
+                self.pusher.start()
+                logger.info("lmcache-disagg P rank %d: pushing %s", self.tp_rank, kv.fingerprint)
+        except TransferError as exc:
+            logger.error("lmcache-disagg connector endpoint failed to start: %s", exc)
+            self.shutdown()
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.receiver.endpoint if self.receiver is not None else None
+
+    # -- per step --------------------------------------------------------------------------------
+
+    def bind(self, meta: LMCacheDisaggMetadata) -> None:
+        """Apply the scheduler's decisions for this step (before the forward)."""
+        self._idle = not meta.step_has_work
+        if self.pusher is not None:
+            self.pusher.on_metadata(meta)
+        else:
+            self._orphan_sends.update(meta.push_finished)
+        if self.loader is not None:
+            self.loader.on_metadata(meta)
+        else:
+            for spec in meta.loads:
+                self._orphan_loads.add(spec.req_id)
+                self.stats.count("fallbacks", reason="inactive")
+                self.stats.count("tokens_recomputed", spec.load_end - spec.load_start)
+
+    def after_forward(self) -> None:
+        """``wait_for_save``: gather what this step computed and start sending it."""
+        if self.pusher is not None:
+            self.pusher.after_forward()
+
+    def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """``(finished_sending, finished_recving, failed_recving)`` for this step."""
+        if self._idle:
+            self._wait_a_little()
+        sending: set[str] = set(self._orphan_sends)
+        self._orphan_sends.clear()
+        recving: set[str] = set(self._orphan_loads)
+        failed: set[str] = set(self._orphan_loads)
+        self._orphan_loads.clear()
+        if self.pusher is not None:
+            sending |= self.pusher.take_finished()
+        if self.loader is not None:
+            done, bad = self.loader.poll(finished_req_ids)
+            recving |= done
+            failed |= bad
+        if self.sender is not None:
+            self.stats.gauge("send_pages_used", self.sender.send_pool.in_use())
+        return sending, recving, failed
+
+    def take_stats(self) -> LMCacheDisaggStats | None:
+        return self.stats.take()
+
+    def _wait_a_little(self) -> None:
+        if self.loader is not None and self.receiver is not None:
+            transfer_id = self.loader.first_waiting()
+            if transfer_id is not None:
+                self.receiver.wait(transfer_id, IDLE_WAIT)
+                return
+        if self.pusher is not None and self.pusher.wants_time():
+            time.sleep(IDLE_WAIT / 4)
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop everything this worker started. Idempotent."""
+        if self.pusher is not None:
+            self.pusher.shutdown()
+            self.pusher = None
+        if self.loader is not None:
+            self.loader.shutdown()
+            self.loader = None
+        if self.sender is not None:
+            self.sender.shutdown()
+            self.sender = None
+        if self.receiver is not None:
+            self.receiver.shutdown()
+            self.receiver = None
