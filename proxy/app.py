@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from lmcache_disagg.errors import ConfigError
+from lmcache_disagg.proxy.accesslog import AccessLog
 from lmcache_disagg.proxy.errors import ClientRequestError, ProxyError, UpstreamStatusError
 from lmcache_disagg.proxy.httpserver import Request, Responder
 from lmcache_disagg.proxy.kvprobe import KVPathProber
@@ -51,7 +52,6 @@ from lmcache_disagg.proxy.workers import Worker, WorkerPool
 
 __all__ = ["ProxyApp"]
 
-ACCESS_LOGGER = "lmcache_disagg.proxy.access"
 _log = logging.getLogger("lmcache_disagg.proxy")
 _GENERATE_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}
 _PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -76,7 +76,8 @@ class ProxyApp:
         self._rid_prefix = secrets.token_hex(6)
         self._rid_counter = itertools.count(1)
         self._request_counters: dict[tuple[str, int], Any] = {}
-        self._access = logging.getLogger(ACCESS_LOGGER)
+        self._access = AccessLog() if settings.access_log else None
+        self._access_task: asyncio.Task[None] | None = None
         self._kv_prober = (
             KVPathProber(settings.timeouts.health, settings.cluster_secret, self.metrics)
             if settings.kv_probe
@@ -100,18 +101,23 @@ class ProxyApp:
     async def start(self) -> None:
         await self.client.start()
         await self._check_all()
-        self._health_task = asyncio.get_running_loop().create_task(
-            self._health_loop(), name="lmcache-proxy-health"
-        )
+        loop = asyncio.get_running_loop()
+        self._health_task = loop.create_task(self._health_loop(), name="lmcache-proxy-health")
+        if self._access is not None:
+            self._access_task = loop.create_task(self._access.run(), name="lmcache-proxy-access")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._health_task, *self._probe_tasks) if t is not None]
+        tasks = [
+            t for t in (self._health_task, self._access_task, *self._probe_tasks) if t is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.client.close()
+        if self._access is not None:
+            self._access.flush()
         if self._kv_prober is not None:
             self._kv_prober.shutdown()
 
@@ -258,7 +264,7 @@ class ProxyApp:
             counter.inc()
             elapsed = time.perf_counter() - started
             self.metrics.e2e_seconds.observe(elapsed)
-            if self.settings.access_log:
+            if self._access is not None:
                 self._log_request(rid, route, status, elapsed, ctx)
 
     def _log_request(
@@ -282,7 +288,8 @@ class ProxyApp:
                 stream=ctx.stream,
                 error=ctx.error,
             )
-        self._access.info(orjson.dumps(record).decode())
+        assert self._access is not None
+        self._access.emit(record)
 
     # -- /v1/models -------------------------------------------------------------------------
     async def _models(self, resp: Responder) -> None:

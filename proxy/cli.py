@@ -186,7 +186,8 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         breaker_threshold=args.breaker_threshold,
         breaker_cooldown=args.breaker_cooldown,
         max_body=args.max_body,
-        access_log=not args.no_access_log,
+        # The access log is INFO-level: --log-level warning (or higher) turns it off too.
+        access_log=not args.no_access_log and _level(args.log_level) <= logging.INFO,
         shutdown_grace=args.shutdown_grace,
         kv_probe=args.kv_probe,
         cluster_secret=(cfg.cluster_secret if cfg is not None else None)
@@ -218,6 +219,11 @@ async def _serve_process(settings: ProxySettings, reuse_port: bool) -> None:
         while app.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await app.stop()
+
+
+def _level(name: str) -> int:
+    level = logging.getLevelName(name.upper())
+    return level if isinstance(level, int) else logging.INFO
 
 
 def _setup_logging(level: str) -> None:

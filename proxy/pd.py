@@ -303,7 +303,8 @@ class PDFlow:
         """One attempt on D. False/raise = failed before anything reached the client."""
         timeouts = self._s.timeouts
         loop = asyncio.get_running_loop()
-        t0 = loop.time()
+        t0 = loop.time()  # deadlines (uvloop's clock ticks in ms)
+        started = time.perf_counter()  # reported timings
         first_deadline = timeouts.first_byte if ctx.stream else timeouts.decode
         up = await self._client.open(worker, "POST", ctx.path, payload, headers, first_deadline)
         try:
@@ -315,8 +316,9 @@ class PDFlow:
                 remaining = max(first_deadline - (loop.time() - t0), 0.0)
                 data = await up.read_all(remaining, self._client.max_response)
                 self._success(worker)
-                ctx.ttft_ms = (loop.time() - t0) * 1000.0
-                self._m.decode_ttft_seconds.observe(loop.time() - t0)
+                elapsed = time.perf_counter() - started
+                ctx.ttft_ms = elapsed * 1000.0
+                self._m.decode_ttft_seconds.observe(elapsed)
                 data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
                 ctx.status = up.status
                 resp.send(up.status, data, self._resp_headers(ctx))
@@ -325,7 +327,7 @@ class PDFlow:
             if not first:
                 raise UpstreamStatusError(worker.http, 502, b"")
             self._success(worker)
-            elapsed = loop.time() - t0
+            elapsed = time.perf_counter() - started
             ctx.ttft_ms = elapsed * 1000.0
             self._m.decode_ttft_seconds.observe(elapsed)
             await self._relay(ctx, up, first, resp)

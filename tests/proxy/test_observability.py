@@ -82,3 +82,11 @@ def test_client_kv_transfer_params_dropped_and_counted(cluster: Cluster) -> None
                         field="kv_transfer_params") == 3  # fmt: skip
     proxy.proc.stop()
     assert proxy.log_text().count("dropped client-supplied internal field") == 3
+
+
+def test_access_log_off_switches(cluster: Cluster) -> None:
+    for flags in (["--no-access-log"], ["--log-level", "warning"]):
+        proxy = cluster.proxy(extra=flags)
+        assert proxy.post("/v1/completions", completion()).status_code == 200
+        proxy.proc.stop()
+        assert "lmcache_disagg.proxy.access" not in proxy.log_text()
