@@ -5,7 +5,9 @@ vLLM 0.32 (RFC #42082) hands every attention layer a 4-D *logical* view ``[B, H,
 ``vllm.v1.kv_cache_interface.create_kv_cache_views``; the physical order of those axes is the
 resolved ``vllm.v1.kv_cache_layout.KVCacheLayout`` (a stride permutation), and the block and layer
 strides may include padding or other layers' pages. What ``C`` holds, and how K and V share it,
-is decided by the attention backend. The four kinds we support, each mirroring named vLLM code:
+is decided by the attention backend. The kinds we support, each mirroring named vLLM code
+(which kind applies is the connector's decision: it knows the backend and, on CPU, the ISA that
+``vllm.v1.attention.backends.cpu_attn._get_attn_isa`` picks):
 
 ``cpu``
     ``vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend`` (``supported_kv_cache_layouts``
@@ -15,10 +17,14 @@ is decided by the attention backend. The four kinds we support, each mirroring n
     so K and V are NOT split along the last axis. ``torch.ops._C.cpu_attn_reshape_and_cache`` with
     ``isa`` ``"vec"``/``"vec16"`` (what ``cpu_attn._get_attn_isa`` picks on x86 without AMX, and
     always when ``block_size % 32 != 0``) then stores K *transposed*, ``[D, N]`` (token fastest),
-    and V plain, ``[N, D]``. Verified against the real op in ``tests/kernels/test_vllm_layouts.py``.
-    The ``"amx"`` ISA (Intel AMX, bf16, ``block_size % 32 == 0``) packs K and V into VNNI tiles and
-    is NOT this layout; ARM/Power/s390x/RISC-V ISAs could not be checked here. The connector must
-    refuse (recompute) when vLLM picks another ISA.
+    and V plain, ``[N, D]``. ARM/Power/s390x/RISC-V ISAs could not be checked here (their kernels
+    are not in the x86 wheel); the connector must refuse (recompute) when vLLM picks one.
+``cpu_amx``
+    The same backend when ``_get_attn_isa`` returns ``"amx"`` (Intel AMX, bf16,
+    ``block_size % 32 == 0``): ``cpu_attn_reshape_and_cache`` packs each region's K as
+    ``[N/16, D/2, 16, 2]`` (16-token tiles, VNNI pairs of dims) and V as ``[D/16, N/2, 16, 2]``
+    (16-dim tiles, VNNI pairs of tokens). Decoded from the real op, which runs without AMX
+    hardware; verified in ``tests/kernels/test_vllm_layouts.py``.
 ``flash_nhd`` / ``flash_hnd``
     ``vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.do_kv_cache_update`` (and
     FlashInfer): ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``, i.e. logical
@@ -37,6 +43,9 @@ is decided by the attention backend. The four kinds we support, each mirroring n
 Kernel-block splitting (``vllm.v1.kv_cache_interface.group_kernel_blocks``): when vLLM splits a
 manager block into ``r`` kernel blocks, the layer view's ``N`` is the kernel block size and
 ``B`` counts kernel blocks; expand a manager block table with :func:`expand_block_ids`.
+
+Quantized (fp8) caches are moved byte for byte like any other dtype, but their per-ISA packing
+was not checked here.
 
 The canonical chunk (DESIGN.md) is ``[layers, 2, tokens, kv_heads, head_dim]`` (``[layers, 1,
 tokens, 1, latent]`` for MLA), contiguous, in the cache dtype.
@@ -63,13 +72,15 @@ __all__ = [
     "stack_layers",
 ]
 
-LayoutKind = Literal["cpu", "flash_nhd", "flash_hnd", "mla"]
+LayoutKind = Literal["cpu", "cpu_amx", "flash_nhd", "flash_hnd", "mla"]
 LAYOUT_KINDS: tuple[str, ...] = get_args(LayoutKind)
 
 # Expected logical shape per kind, for error messages.
 _EXPECTED: dict[str, str] = {
     "cpu": "[num_blocks, num_kv_heads, block_size, 2*head_size] with each (block, head) region "
     "dense (strides [*, block_size*2*head_size, 2*head_size, 1])",
+    "cpu_amx": "[num_blocks, num_kv_heads, block_size, 2*head_size] with each (block, head) "
+    "region dense, block_size % 16 == 0 and head_size % 16 == 0, 2-byte dtype",
     "flash_nhd": "[num_blocks, num_kv_heads, block_size, 2*head_size] with token-major strides "
     "[*, 2*head_size, num_kv_heads*2*head_size, 1] (vLLM LBNHC/NHD)",
     "flash_hnd": "[num_blocks, num_kv_heads, block_size, 2*head_size] with head-major strides "
@@ -102,10 +113,14 @@ class KVLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise LayoutError(f"KVLayout.{name} must be a positive int, got {value!r}")
-        if self.kind == "mla" and self.num_kv_heads != 1:
-            raise LayoutError(f"an mla layout has exactly one head slot, got {self.num_kv_heads}")
         if not isinstance(self.dtype, torch.dtype):
             raise LayoutError(f"KVLayout.dtype must be a torch.dtype, got {self.dtype!r}")
+        if self.kind == "cpu_amx" and (
+            self.block_size % _AMX_K_TOKENS or self.head_dim % _AMX_V_DIMS or self.itemsize != 2
+        ):
+            raise LayoutError(f"cpu_amx KV cache must be {_EXPECTED['cpu_amx']}, got {self}")
+        if self.kind == "mla" and self.num_kv_heads != 1:
+            raise LayoutError(f"an mla layout has exactly one head slot, got {self.num_kv_heads}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -198,6 +213,7 @@ class KVLayout:
         want: dict[str, tuple[int, int, int]] = {
             # (stride of H, stride of N, stride of C); -1 = not constrained
             "cpu": (n * c, c, 1),
+            "cpu_amx": (n * c, c, 1),
             "flash_nhd": (c, h * c, 1),
             "flash_hnd": (n * c, c, 1),
             "mla": (-1, c, 1),
@@ -216,38 +232,51 @@ class KVLayout:
                     f"stride {got}, expected {exp} (strides {list(kv_cache.stride())})"
                 )
 
-    def token_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Views ``(K, V)`` of one layer's cache, each indexed ``[block, slot, head, dim]``.
-
-        No copies: writing through the views writes the cache. ``V`` is None for MLA. The
-        caller has validated ``kv_cache`` with :meth:`check_cache`.
-        """
-        parts = self.cell_views(_as_4d(self, kv_cache))
-        views = [view.select(-2, j) for _, view in parts for j in range(view.shape[-2])]
-        return views[0], (views[1] if len(views) > 1 else None)
-
     def cell_views(self, cache: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """Views ``(first kv index, [..., block, slot, head, kv, dim])`` of a 4-D cache
-        ``[B, H, N, C]`` or of layer-stacked caches ``[L, B, H, N, C]``.
+        """Views ``(first kv, cells)`` of a cache ``[B, H, N, C]`` or layer-stacked caches
+        ``[L, B, H, N, C]``; ``cells`` is ``[..., B, T1, T0, H, kv, D1, D0]``.
 
-        K and V come as one view (kv axis of 2) where they share a cell (flash kinds), so one
-        copy moves both; as two views otherwise (``cpu``: ``[(0, K), (1, V)]``).
+        Token ``slot`` of a block is ``(slot // T0, slot % T0)`` and dim ``d`` is
+        ``(d // D0, d % D0)``: only the ``cpu_amx`` tiles need ``T1 > 1`` or ``D1 > 1``. K and V
+        come as one view (kv axis of 2) where they share a cell (flash kinds), so one copy moves
+        both; as two views otherwise (``cpu``: ``[(0, K), (1, V)]``). No copies: writing through
+        the views writes the cache, which the caller has validated with :meth:`check_cache`.
         """
-        lead = cache.shape[:-4]
-        lead_strides = cache.stride()[:-4]
-        b, h, n, _ = cache.shape[-4:]
+        lead = tuple(cache.shape[:-4])
+        lead_strides = tuple(cache.stride()[:-4])
+        b, h, n, c = cache.shape[-4:]
+        s_b, s_h, s_n, _ = cache.stride()[-4:]
         d = self.head_dim
+        base = cache.storage_offset()
+
+        def cells(
+            kv: int, t0: int, d0: int, strides: tuple[int, int, int, int, int, int], offset: int
+        ) -> torch.Tensor:
+            # strides: (T1, T0, kv, D1, D0) plus H, in the order below
+            s_t1, s_t0, s_kv, s_d1, s_d0, s_hh = strides
+            size = (*lead, b, n // t0, t0, h, kv, d // d0, d0)
+            stride = (*lead_strides, s_b, s_t1, s_t0, s_hh, s_kv, s_d1, s_d0)
+            return cache.as_strided(size, stride, base + offset)
+
         if self.kind == "mla":
-            return [(0, cache.transpose(-3, -2).unsqueeze(-2))]
+            return [(0, cells(1, n, d, (n * s_n, s_n, c, d, 1, s_h), 0))]
+        if self.kind in ("flash_nhd", "flash_hnd"):
+            return [(0, cells(2, n, d, (n * s_n, s_n, d, d, 1, s_h), 0))]
         if self.kind == "cpu":
-            s_b, s_h = cache.stride(-4), cache.stride(-3)
-            base = cache.storage_offset()
-            size = (*lead, b, n, h, 1, d)
             # K region of a (block, head) is [D, N] (token fastest), V region [N, D].
-            k = cache.as_strided(size, (*lead_strides, s_b, 1, s_h, 1, n), base)
-            v = cache.as_strided(size, (*lead_strides, s_b, d, s_h, 1, 1), base + n * d)
+            k = cells(1, n, d, (n, 1, 1, d * n, n, s_h), 0)
+            v = cells(1, n, d, (n * d, d, 1, d, 1, s_h), n * d)
             return [(0, k), (1, v)]
-        return [(0, cache.transpose(-3, -2).unflatten(-1, (2, d)))]
+        # cpu_amx: K region [N/16, D/2, 16, 2] (VNNI pairs of dims), V region [D/16, N/2, 16, 2]
+        # (VNNI pairs of tokens); see the module docstring.
+        k = cells(1, _AMX_K_TOKENS, 2, (_AMX_K_TOKENS * d, 2, 1, 2 * _AMX_K_TOKENS, 1, s_h), 0)
+        v = cells(1, 2, _AMX_V_DIMS, (2 * _AMX_V_DIMS, 1, 1, _AMX_V_DIMS * n, 2, s_h), n * d)
+        return [(0, k), (1, v)]
+
+
+# AMX tile geometry of vLLM's CPU attention (cpu_attn_reshape_and_cache with isa="amx").
+_AMX_K_TOKENS = 16
+_AMX_V_DIMS = 16
 
 
 def _as_4d(layout: KVLayout, kv_cache: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,18 @@ def block_runs(
     return runs
 
 
+def _tile_runs(runs: list[Run], tile: int) -> list[tuple[int, int, int, int, int]]:
+    """Split block runs at token-tile boundaries: ``(chunk offset, block, tile, first, length)``."""
+    out: list[tuple[int, int, int, int, int]] = []
+    for i, block, slot, length in runs:
+        end = slot + length
+        while slot < end:
+            step = min(tile - slot % tile, end - slot)
+            out.append((i, block, slot // tile, slot % tile, step))
+            i, slot = i + step, slot + step
+    return out
+
+
 def _runs_copy(
     layout: KVLayout,
     chunk: torch.Tensor,
@@ -65,21 +77,45 @@ def _runs_copy(
     max_copies: int,
 ) -> bool:
     """Move the runs with ``copy_``; False (nothing done) if that would take too many calls."""
-    groups = layer_groups(layout, kv_caches)
-    if len(runs) * sum(len(cells) for _, cells in groups) > max_copies:
-        return False
-    for layers, cells in groups:
+    plan = []
+    for layers, cells in layer_groups(layout, kv_caches):
         for kv0, view in cells:
-            part = chunk[layers, kv0 : kv0 + view.shape[-2]]
-            for i, block, slot, length in runs:
-                # chunk [L', kv, tokens, H, D] -> [L', tokens, H, kv, D] to match the cells
-                dst = part[:, :, i : i + length].movedim(1, 3)
-                src = view[:, block, slot : slot + length]
-                if to_chunk:
-                    dst.copy_(src)
-                else:
-                    src.copy_(dst)
+            plan.append((layers, kv0, view, _tile_runs(runs, view.shape[-5])))
+    if sum(len(tiled) for *_, tiled in plan) > max_copies:
+        return False
+    for layers, kv0, view, tiled in plan:
+        _, _, _, _, _, kv, d1, d0 = view.shape
+        # chunk [L', kv, tokens, H, D] -> [L', tokens, H, kv, D1, D0] to match the cells
+        part = chunk[layers, kv0 : kv0 + kv].unflatten(-1, (d1, d0)).movedim(1, 3)
+        for i, block, t1, t0, length in tiled:
+            dst = part[:, i : i + length]
+            src = view[:, block, t1, t0 : t0 + length]
+            if to_chunk:
+                dst.copy_(src)
+            else:
+                src.copy_(dst)
     return True
+
+
+def _index_views(
+    layout: KVLayout, kv_caches: Sequence[torch.Tensor]
+) -> list[tuple[int, int, torch.Tensor]]:
+    """``(layer, kv, [B, T1, T0, H, D1, D0] view)`` for every layer and K/V."""
+    views = []
+    for layers, cells in layer_groups(layout, kv_caches):
+        for kv0, view in cells:
+            for j in range(view.shape[-3]):
+                per_kv = view.select(-3, j)
+                for offset in range(per_kv.shape[0]):
+                    views.append((layers.start + offset, kv0 + j, per_kv[offset]))
+    return views
+
+
+def _tile_index(
+    layout: KVLayout, blk: torch.Tensor, slot: torch.Tensor, view: torch.Tensor
+) -> list[torch.Tensor]:
+    tile = view.shape[2]
+    return [blk, slot // tile, slot % tile]
 
 
 def gather(
@@ -97,10 +133,9 @@ def gather(
     if _runs_copy(layout, out, kv_caches, runs, True, max_run_copies):
         return
     blk, slot = token_indices(layout, block_ids, token_start, token_end)
-    for layer, cache in enumerate(kv_caches):
-        k, v = layout.token_views(cache)
-        for kv, view in enumerate((k,) if v is None else (k, v)):
-            torch.ops.aten.index.Tensor_out(view, [blk, slot], out=out[layer, kv])
+    for layer, kv, view in _index_views(layout, kv_caches):
+        dst = out[layer, kv].unflatten(-1, view.shape[-2:])
+        torch.ops.aten.index.Tensor_out(view, _tile_index(layout, blk, slot, view), out=dst)
 
 
 def scatter(
@@ -118,7 +153,6 @@ def scatter(
     if _runs_copy(layout, chunk, kv_caches, runs, False, max_run_copies):
         return
     blk, slot = token_indices(layout, block_ids, token_start, token_end)
-    for layer, cache in enumerate(kv_caches):
-        k, v = layout.token_views(cache)
-        for kv, view in enumerate((k,) if v is None else (k, v)):
-            view.index_put_((blk, slot), chunk[layer, kv])
+    for layer, kv, view in _index_views(layout, kv_caches):
+        src = chunk[layer, kv].unflatten(-1, view.shape[-2:])
+        view.index_put_(tuple(_tile_index(layout, blk, slot, view)), src)

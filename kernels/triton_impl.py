@@ -60,9 +60,13 @@ def _tile_offsets(  # type: ignore[no-untyped-def]
     s_layer,
     s_kv,
     s_blk,
+    s_tile,
     s_slot,
     s_head,
+    s_dtile,
     s_dim,
+    token_tile,
+    dim_tile,
     d_layer,
     d_kv,
     d_tok,
@@ -80,18 +84,22 @@ def _tile_offsets(  # type: ignore[no-untyped-def]
     t_mask = i < num_tokens
     pos = token_start + i
     blk = tl.load(block_ids_ptr + pos // block_size, mask=t_mask, other=0).to(tl.int64)
-    slot = (pos % block_size).to(tl.int64)
+    slot = pos % block_size
+    # vLLM's AMX layout tiles tokens and dims; plain layouts have one tile of each.
+    tile = (slot // token_tile).to(tl.int64)
+    slot = (slot % token_tile).to(tl.int64)
     # heads x head_dim flattened into one axis so a small head_dim still fills the tile.
     hd = tl.arange(0, BLOCK_HD)
     h = (hd // head_dim).to(tl.int64)
-    d = (hd % head_dim).to(tl.int64)
+    d = hd % head_dim
+    dtile = (d // dim_tile).to(tl.int64)
+    d = (d % dim_tile).to(tl.int64)
     mask = t_mask[:, None] & (hd < num_heads * head_dim)[None, :]
     cache_base = layer * s_layer + kv * s_kv
-    cache_off = (
-        cache_base + (blk * s_blk + slot * s_slot)[:, None] + (h * s_head + d * s_dim)[None, :]
-    )
+    cell = blk * s_blk + tile * s_tile + slot * s_slot
+    cache_off = cache_base + cell[:, None] + (h * s_head + dtile * s_dtile + d * s_dim)[None, :]
     chunk_base = layer * d_layer + kv * d_kv
-    chunk_off = chunk_base + i.to(tl.int64)[:, None] * d_tok + (h * d_head + d)[None, :]
+    chunk_off = chunk_base + i.to(tl.int64)[:, None] * d_tok + (h * d_head + hd % head_dim)[None, :]
     return cache_off, chunk_off, mask
 
 
@@ -108,9 +116,13 @@ def _gather_kernel(  # type: ignore[no-untyped-def]
     s_layer,
     s_kv,
     s_blk,
+    s_tile,
     s_slot,
     s_head,
+    s_dtile,
     s_dim,
+    token_tile,
+    dim_tile,
     d_layer,
     d_kv,
     d_tok,
@@ -120,7 +132,8 @@ def _gather_kernel(  # type: ignore[no-untyped-def]
 ):
     cache_off, chunk_off, mask = _tile_offsets(
         block_ids_ptr, token_start, num_tokens, block_size, num_heads, head_dim,
-        s_layer, s_kv, s_blk, s_slot, s_head, s_dim, d_layer, d_kv, d_tok, d_head,
+        s_layer, s_kv, s_blk, s_tile, s_slot, s_head, s_dtile, s_dim, token_tile, dim_tile,
+        d_layer, d_kv, d_tok, d_head,
         BLOCK_T, BLOCK_HD,
     )  # fmt: skip
     x = tl.load(cache_ptr + cache_off, mask=mask)
@@ -140,9 +153,13 @@ def _scatter_kernel(  # type: ignore[no-untyped-def]
     s_layer,
     s_kv,
     s_blk,
+    s_tile,
     s_slot,
     s_head,
+    s_dtile,
     s_dim,
+    token_tile,
+    dim_tile,
     d_layer,
     d_kv,
     d_tok,
@@ -152,7 +169,8 @@ def _scatter_kernel(  # type: ignore[no-untyped-def]
 ):
     cache_off, chunk_off, mask = _tile_offsets(
         block_ids_ptr, token_start, num_tokens, block_size, num_heads, head_dim,
-        s_layer, s_kv, s_blk, s_slot, s_head, s_dim, d_layer, d_kv, d_tok, d_head,
+        s_layer, s_kv, s_blk, s_tile, s_slot, s_head, s_dtile, s_dim, token_tile, dim_tile,
+        d_layer, d_kv, d_tok, d_head,
         BLOCK_T, BLOCK_HD,
     )  # fmt: skip
     x = tl.load(chunk_ptr + chunk_off, mask=mask)
@@ -187,11 +205,12 @@ def _run(
     tiles = -(-num_tokens // block_t)
     for layers, cells in layer_groups(layout, kv_caches):
         for kv0, view in cells:
-            # view [L', B, N, H, kv, D]; part [L', kv, n, H, D] (contiguous head_dim)
-            part = chunk[layers, kv0 : kv0 + view.shape[-2]]
-            s_layer, s_blk, s_slot, s_head, s_kv, s_dim = view.stride()
+            # view [L', B, T1, T0, H, kv, D1, D0]; part [L', kv, n, H, D] (contiguous head_dim)
+            kv = view.shape[-3]
+            part = chunk[layers, kv0 : kv0 + kv]
+            s_layer, s_blk, s_tile, s_slot, s_head, s_kv, s_dtile, s_dim = view.stride()
             d_layer, d_kv, d_tok, d_head, _ = part.stride()
-            kernel[(tiles, view.shape[0], view.shape[-2])](
+            kernel[(tiles, view.shape[0], kv)](
                 view,
                 part,
                 block_ids,
@@ -203,9 +222,13 @@ def _run(
                 s_layer,
                 s_kv,
                 s_blk,
+                s_tile,
                 s_slot,
                 s_head,
+                s_dtile,
                 s_dim,
+                view.shape[3],
+                view.shape[-1],
                 d_layer,
                 d_kv,
                 d_tok,

@@ -1,7 +1,8 @@
 """Our layout kinds against the real vLLM 0.32 code that writes and views the KV cache.
 
-* ``cpu``: vLLM's own CPU op ``cpu_attn_reshape_and_cache`` writes K/V, with the ISA that
-  ``cpu_attn._get_attn_isa`` picks on this machine (and with both x86 non-AMX ISAs).
+* ``cpu`` / ``cpu_amx``: vLLM's own CPU op ``cpu_attn_reshape_and_cache`` writes K/V, with the
+  ISA that ``cpu_attn._get_attn_isa`` picks on this machine, with both x86 non-AMX ISAs, and with
+  ``isa="amx"`` (only its tile layout is exercised: the reshape op needs no AMX hardware).
 * ``flash_nhd`` / ``flash_hnd``: per-layer views from ``create_kv_cache_views`` for each
   resolved ``KVCacheLayout``, written through the split that ``FlashAttentionImpl`` uses
   (the CUDA ``reshape_and_cache_flash`` op cannot run here; it stores ``key[i]`` at
@@ -91,14 +92,9 @@ def _check_round_trip(
     assert torch.equal(fresh_raw, raw), f"{kind}: scatter wrote other bytes than vLLM"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("block_size,head_size", [(16, 64), (32, 64), (32, 48)])
-@pytest.mark.parametrize("isa", ["auto", "vec", "vec16"])
-def test_cpu_backend(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> None:
-    if isa == "auto":
-        isa = _get_attn_isa(dtype, block_size, head_size)
-        # What this x86 box without AMX uses; "amx" would be a different (tiled) layout.
-        assert isa in ("vec", "vec16"), isa
+def _cpu_backend_case(
+    kind: str, isa: str, dtype: torch.dtype, block_size: int, head_size: int
+) -> None:
     heads, start, end = 3, 5, 5 + 2 * block_size + 7
     spec = FullAttentionSpec(
         block_size=block_size, num_kv_heads=heads, head_size=head_size, dtype=dtype
@@ -114,7 +110,24 @@ def test_cpu_backend(dtype: torch.dtype, block_size: int, head_size: int, isa: s
         ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
         expected.append((key, value))
     fresh_raw, fresh_views = _vllm_views(spec, KVCacheLayout.LBHNC)
-    _check_round_trip("cpu", views, raw, fresh_views, fresh_raw, table, start, end, expected)
+    _check_round_trip(kind, views, raw, fresh_views, fresh_raw, table, start, end, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size,head_size", [(16, 64), (32, 64), (32, 48)])
+@pytest.mark.parametrize("isa", ["auto", "vec", "vec16"])
+def test_cpu_backend(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> None:
+    if isa == "auto":
+        isa = _get_attn_isa(dtype, block_size, head_size)
+        # What this x86 box without AMX uses; AMX machines get "amx" (the cpu_amx kind).
+        assert isa in ("vec", "vec16"), isa
+    _cpu_backend_case("cpu", isa, dtype, block_size, head_size)
+
+
+@pytest.mark.parametrize("block_size,head_size", [(32, 64), (64, 128), (128, 32), (32, 256)])
+def test_cpu_backend_amx(block_size: int, head_size: int) -> None:
+    """The AMX ISA (bf16, block_size % 32 == 0) tiles K and V; its reshape op runs here too."""
+    _cpu_backend_case("cpu_amx", "amx", torch.bfloat16, block_size, head_size)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,16 @@ import torch
 
 from lmcache_disagg.kernels import KVLayout
 
-KINDS = ("cpu", "flash_nhd", "flash_hnd", "mla")
+KINDS = ("cpu", "cpu_amx", "flash_nhd", "flash_hnd", "mla")
+
+
+def compatible(kind: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    """Whether the kind can hold that geometry (vLLM's AMX tiles need 16-multiples, 2 bytes)."""
+    if kind != "cpu_amx":
+        return True
+    return block_size % 16 == 0 and head_dim % 16 == 0 and dtype.itemsize == 2
+
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -51,32 +60,43 @@ def make_caches(
     ]
 
 
-def _locate(layout: KVLayout, cache: torch.Tensor, block: int, slot: int, kv: int) -> torch.Tensor:
-    """The ``[heads, head_dim]`` cells of one token's K (kv=0) or V (kv=1), as a writable view."""
+def _region_index(layout: KVLayout, slot: int, kv: int) -> torch.Tensor:
+    """Offsets of one token's ``head_dim`` elements of K or V inside a (block, head) region of
+    the CPU backend, which holds ``N*D`` K elements then ``N*D`` V elements."""
     n, d = layout.block_size, layout.head_dim
+    dims = torch.arange(d)
+    if layout.kind == "cpu":  # K as (D, N), V as (N, D): cpu_attn_reshape_and_cache, vec ISAs
+        return dims * n + slot if kv == 0 else n * d + slot * d + dims
+    # cpu_amx: K as [N/16, D/2, 16, 2], V as [D/16, N/2, 16, 2] (VNNI pairs), isa="amx"
+    if kv == 0:
+        return (slot // 16) * 16 * d + (dims // 2) * 32 + (slot % 16) * 2 + dims % 2
+    return n * d + (dims // 16) * 16 * n + (slot // 2) * 32 + (dims % 16) * 2 + slot % 2
+
+
+def _regions(layout: KVLayout, cache: torch.Tensor, block: int) -> list[torch.Tensor]:
+    regions = [cache[block, h] for h in range(layout.num_kv_heads)]
+    assert all(r.is_contiguous() for r in regions)
+    return [r.view(-1) for r in regions]
+
+
+def _locate(layout: KVLayout, cache: torch.Tensor, block: int, slot: int, kv: int) -> torch.Tensor:
+    """The ``[heads, head_dim]`` values of one token's K (kv=0) or V (kv=1)."""
+    d = layout.head_dim
     if layout.kind == "mla":
         return cache[block, :, slot, :]
-    if layout.kind == "cpu":
-        # Each (block, head) region is [K as (D, N) | V as (N, D)] (cpu_attn_reshape_and_cache).
-        heads = [cache[block, h].reshape(-1) for h in range(layout.num_kv_heads)]
-        if kv == 0:
-            return torch.stack([r[: n * d].view(d, n)[:, slot] for r in heads])
-        return torch.stack([r[n * d :].view(n, d)[slot] for r in heads])
+    if layout.kind in ("cpu", "cpu_amx"):
+        idx = _region_index(layout, slot, kv)
+        return torch.stack([r[idx] for r in _regions(layout, cache, block)])
     return cache[block, :, slot, kv * d : (kv + 1) * d]
 
 
 def _write(
     layout: KVLayout, cache: torch.Tensor, block: int, slot: int, kv: int, x: torch.Tensor
 ) -> None:
-    n, d = layout.block_size, layout.head_dim
-    if layout.kind == "cpu":
-        for h in range(layout.num_kv_heads):
-            region = cache[block, h].view(-1) if cache[block, h].is_contiguous() else None
-            assert region is not None
-            if kv == 0:
-                region[: n * d].view(d, n)[:, slot] = x[h]
-            else:
-                region[n * d :].view(n, d)[slot] = x[h]
+    if layout.kind in ("cpu", "cpu_amx"):
+        idx = _region_index(layout, slot, kv)
+        for h, region in enumerate(_regions(layout, cache, block)):
+            region[idx] = x[h]
         return
     _locate(layout, cache, block, slot, kv).copy_(x)
 
@@ -143,7 +163,7 @@ class Case:
     token_start: int
     num_layers: int = 2
     num_kv_heads: int = 2
-    head_dim: int = 8
+    head_dim: int = 16
     pad: int = 0
     spare_blocks: int = 2
     seed: int = 0
