@@ -4,8 +4,8 @@ Token positions are absolute within the request: token ``t`` lives in block
 ``block_ids[t // block_size]`` at slot ``t % block_size``, where ``block_ids`` is the request's
 whole block table. ``[token_start, token_end)`` may start and end mid-block.
 
-Dispatch (``impl="auto"``): CUDA (and other accelerator) tensors use the Triton kernels, CPU
-tensors the torch implementation. ``impl="torch"`` / ``"triton"`` force one (tests run the Triton
+Dispatch (``impl="auto"``): CUDA (and other accelerator) tensors use the Triton kernels when
+Triton imports, CPU tensors the torch implementation. ``impl="torch"`` / ``"triton"`` force one (tests run the Triton
 kernels on CPU tensors under ``TRITON_INTERPRET=1``).
 
 Both calls are synchronous with respect to the host on CPU; on GPU they are enqueued on the
@@ -87,7 +87,12 @@ def _check(
 
 def _use_triton(impl: Impl, device: torch.device) -> bool:
     if impl == "auto":
-        return device.type != "cpu"
+        if device.type == "cpu":
+            return False
+        from lmcache_disagg.kernels import triton_impl
+
+        # Without Triton the torch implementation still works on any device, only slower.
+        return triton_impl.HAS_TRITON
     return impl == "triton"
 
 
