@@ -8,6 +8,7 @@ translated by the callers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,11 +69,16 @@ class NixlAgent:
         return handle
 
     def check(self, handle: Any) -> str:
-        """One of "DONE", "PROC", "ERR"."""
-        return str(self._agent.check_xfer_state(handle))
+        """One of "DONE", "PROC", "ERR" (NIXL errors such as a remote disconnect are "ERR")."""
+        try:
+            return str(self._agent.check_xfer_state(handle))
+        except Exception:
+            return "ERR"
 
     def release_xfer(self, handle: Any) -> None:
-        self._agent.release_xfer_handle(handle)
+        """Best effort: a handle of a failed transfer may refuse to be released."""
+        with contextlib.suppress(Exception):
+            self._agent.release_xfer_handle(handle)
 
     def get_new_notifs(self) -> dict[str, list[bytes]]:
         notifs = self._agent.get_new_notifs()

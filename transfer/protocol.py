@@ -6,10 +6,12 @@ Two boundaries share this module:
   union :data:`Request` (P -> D) and one :data:`Reply` (D -> P). Every request carries ``rid`` so P
   can match replies; every field D receives is bounds-checked before use.
 * **TCP data channel** (plain socket to the ``data_port`` announced in the hello reply): frames with a
-  fixed :data:`FRAME_HEADER_SIZE`-byte header (:data:`FRAME_HEADER`) followed by ``nbytes`` payload
-  bytes that the receiver reads straight into the reserved pool page. The header's checksum is an
-  xxh3-64 over the header's first 40 bytes, the key bytes and the payload, so a bit flip anywhere
-  but in the magic/length fields fails verification (and those fail validation instead).
+  fixed :data:`FRAME_HEADER_SIZE`-byte header (:data:`FRAME_HEADER`), then (chunk frames) ``nbytes``
+  payload bytes that the receiver reads straight into the reserved pool page, then an 8-byte
+  trailer (:data:`FRAME_TRAILER`). The header's checksum field is an xxh3-64 over the header's
+  first 40 bytes and the key, verified before any payload byte is written anywhere; the trailer is
+  the xxh3-64 of the payload. Putting the payload checksum last lets both ends hash each slice
+  while it is hot in cache (the sender right before sending it, the receiver right after reading).
 
 PROTOCOL_VERSION history (bump on any incompatible change; add fields only at the end, with defaults):
 
@@ -31,6 +33,7 @@ __all__ = [
     "FRAME_HEADER_SIZE",
     "FRAME_HELLO",
     "FRAME_MAGIC",
+    "FRAME_TRAILER",
     "MAX_KEY_BYTES",
     "MAX_TRANSFER_ID_LEN",
     "NIXL_NOTIF",
@@ -280,11 +283,13 @@ FRAME_CHUNK: Final = 1
 FRAME_HELLO: Final = 2
 """First frame on a data connection: ``key`` holds the session id, ``nbytes`` = 0."""
 
-# magic, version, kind, flags, handle, slot, index, nbytes, num_tokens, key_len, reserved, checksum,
-# key (zero padded to MAX_KEY_BYTES). The checksum covers bytes [0, 40) + key[:key_len] + payload.
+# magic, version, kind, flags, handle, slot, index, nbytes, num_tokens, key_len, reserved,
+# header checksum, key (zero padded to MAX_KEY_BYTES). The header checksum covers bytes [0, 40) and
+# key[:key_len]; chunk frames end with FRAME_TRAILER = xxh3-64 of the payload.
 FRAME_HEADER: Final = struct.Struct(f"<4sBBHQIIQIHHQ{MAX_KEY_BYTES}s")
 FRAME_HEADER_SIZE: Final = FRAME_HEADER.size
 FRAME_CHECKSUM_SPAN: Final = 40
+FRAME_TRAILER: Final = struct.Struct("<Q")
 
 # NIXL notification attached to each WRITE: b"K" + struct below + key[:key_len].
 NIXL_NOTIF: Final = struct.Struct("<cQIIQIH")

@@ -45,12 +45,12 @@ from lmcache_disagg.transfer.metrics import TransferMetrics
 from lmcache_disagg.transfer.pool import ReceivePool
 from lmcache_disagg.transfer.protocol import (
     CONTROL_MAX_MESSAGE,
-    FRAME_CHECKSUM_SPAN,
     FRAME_CHUNK,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
     FRAME_HELLO,
     FRAME_MAGIC,
+    FRAME_TRAILER,
     MAX_KEY_BYTES,
     MAX_TRANSFER_ID_LEN,
     NIXL_NOTIF,
@@ -72,7 +72,14 @@ from lmcache_disagg.transfer.protocol import (
     encode,
 )
 from lmcache_disagg.transfer.state import ReceivedChunk, RecvState, TransferState
-from lmcache_disagg.transfer.tcp_channel import Stopped, frame_checksum, recv_exact, set_io_timeouts
+from lmcache_disagg.transfer.tcp_channel import (
+    Stopped,
+    header_checksum,
+    recv_exact,
+    recv_exact_vec,
+    set_io_timeouts,
+    skip_bytes,
+)
 
 if TYPE_CHECKING:
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
@@ -824,7 +831,7 @@ class KVReceiver:
         )
         if magic != FRAME_MAGIC or version != PROTOCOL_VERSION or kind != FRAME_HELLO:
             raise ProtocolViolation("data connection did not start with a hello frame")
-        if nbytes != 0 or key_len != 16 or frame_checksum(header, keyf[:16], None) != checksum:
+        if nbytes != 0 or key_len != 16 or header_checksum(header, keyf[:16]) != checksum:
             raise ProtocolViolation("malformed data hello")
         try:
             session = self._session(bytes(keyf[:16]))
@@ -838,6 +845,8 @@ class KVReceiver:
         # frames stream back to back.
         spare = bytearray(FRAME_HEADER_SIZE)
         sview = memoryview(spare)
+        trailer = bytearray(FRAME_TRAILER.size)
+        tview = memoryview(trailer)
         have_header = 0
         while True:
             if have_header < FRAME_HEADER_SIZE and not recv_exact(
@@ -865,10 +874,12 @@ class KVReceiver:
             if key_len > MAX_KEY_BYTES:
                 raise ProtocolViolation(f"key of {key_len} bytes")
             key = bytes(keyf[:key_len])
+            if header_checksum(header, key) != checksum:
+                raise ProtocolViolation("frame header checksum mismatch")
             begun = self._begin_chunk(session, handle, slot, index, nbytes, num_tokens)
             if isinstance(begun, str):
                 self.metrics.failure(begun)
-                remaining = nbytes
+                remaining = nbytes + FRAME_TRAILER.size
                 while remaining:
                     step = min(remaining, _DRAIN_BYTES)
                     recv_exact(sock, scratch[:step], stop, idle_ok=False, stall_timeout=stall)
@@ -876,31 +887,33 @@ class KVReceiver:
                 continue
             start = begun.pages[slot] * page_bytes
             target = pool_view[start : start + nbytes]
-            hasher = xxhash.xxh3_64(hview[:FRAME_CHECKSUM_SPAN])
-            hasher.update(key)
             error = "truncated"
             try:
                 if nbytes <= _HASH_SLICE:
-                    got = _recv_some(sock, [target, sview])
-                    if got < nbytes:
-                        recv_exact(sock, target[got:], stop, idle_ok=False, stall_timeout=stall)
+                    # Often payload, trailer and the next header are all there already.
+                    got = _recv_some(sock, [target, tview, sview])
+                    if got < nbytes + FRAME_TRAILER.size:
+                        rest = skip_bytes([target, tview], got)
+                        recv_exact_vec(sock, rest, stop, stall_timeout=stall)
                     else:
-                        have_header = got - nbytes
-                    hasher.update(target)
+                        have_header = got - nbytes - FRAME_TRAILER.size
+                    digest = xxhash.xxh3_64_intdigest(target)
                 else:
-                    # Hash each slice as it lands, while it is still in cache and while the
-                    # sender keeps filling the socket buffer.
+                    # Hash each slice as it lands, while it is still in cache.
+                    hasher = xxhash.xxh3_64()
                     for offset in range(0, nbytes, _HASH_SLICE):
                         part = target[offset : offset + _HASH_SLICE]
                         recv_exact(sock, part, stop, idle_ok=False, stall_timeout=stall)
                         hasher.update(part)
-                error = "" if hasher.intdigest() == checksum else "checksum"
+                    recv_exact(sock, tview, stop, idle_ok=False, stall_timeout=stall)
+                    digest = hasher.intdigest()
+                error = "" if digest == FRAME_TRAILER.unpack(trailer)[0] else "checksum"
             finally:
                 self._end_chunk(begun, slot, nbytes, num_tokens, key, error)
-            if have_header:
-                header, spare = spare, header
-                hview, sview = sview, hview
             if error:
                 logger.warning(
                     "chunk %d of transfer %s failed: %s", index, begun.transfer_id, error
                 )
+            if have_header:
+                header, spare = spare, header
+                hview, sview = sview, hview

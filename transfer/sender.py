@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import xxhash
 import zmq
 from prometheus_client import CollectorRegistry
 
@@ -48,6 +49,7 @@ from lmcache_disagg.transfer.protocol import (
     FRAME_CHUNK,
     FRAME_HEADER_SIZE,
     FRAME_HELLO,
+    FRAME_TRAILER,
     MAX_KEY_BYTES,
     NIXL_NOTIF,
     PROTOCOL_VERSION,
@@ -97,6 +99,7 @@ _STOP = object()
 _IDLE_PUMP = 0.05
 _MAX_BATCH = 64
 _MAX_BATCH_BYTES = 64 << 20
+_STREAM_SLICE = 1 << 20
 
 
 def _raise_error_reply(reply: ErrorReply) -> None:
@@ -271,41 +274,48 @@ class _Peer:
         headers: list[bytearray],
         stop: threading.Event,
     ) -> None:
+        """Send queued chunks: small ones gathered into one sendmsg, large ones streamed in
+        slices, each hashed right before it is sent (so the kernel copies it from cache)."""
         sender = self.sender
         view = sender.send_pool.view
         assert view is not None
         page_bytes = sender.send_pool.page_bytes
-        buffers: list[memoryview | bytearray] = []
+        buffers: list[memoryview | bytearray | bytes] = []
         deadline = math.inf
         sent_bytes = 0
+        sent_chunks = 0
         try:
             for n, (_, handle, index, page, nbytes, num_tokens, key) in enumerate(batch):
                 if handle.state is not PushState.PENDING:
                     continue
+                deadline = min(deadline, handle.deadline)
                 start = page.index * page_bytes
                 payload = view[start : start + nbytes]
                 header = headers[n]
                 pack_header(
-                    header,
-                    FRAME_CHUNK,
-                    handle.handle,
-                    index,
-                    index,
-                    nbytes,
-                    num_tokens,
-                    key,
-                    payload,
+                    header, FRAME_CHUNK, handle.handle, index, index, nbytes, num_tokens, key
                 )
                 buffers.append(header)
-                buffers.append(payload)
-                deadline = min(deadline, handle.deadline)
+                if nbytes <= _STREAM_SLICE:
+                    buffers.append(payload)
+                    buffers.append(FRAME_TRAILER.pack(xxhash.xxh3_64_intdigest(payload)))
+                else:
+                    hasher = xxhash.xxh3_64()
+                    for offset in range(0, nbytes, _STREAM_SLICE):
+                        part = payload[offset : offset + _STREAM_SLICE]
+                        hasher.update(part)
+                        buffers.append(part)
+                        send_all(sock, buffers, deadline, stop)
+                        buffers.clear()
+                    buffers.append(FRAME_TRAILER.pack(hasher.intdigest()))
                 sent_bytes += nbytes
+                sent_chunks += 1
             if buffers:
                 send_all(sock, buffers, deadline, stop)
         finally:
             sender._release_pages([item[3] for item in batch])
-        if buffers:
-            sender.metrics.chunks_total.inc(len(buffers) // 2)
+        if sent_chunks:
+            sender.metrics.chunks_total.inc(sent_chunks)
             sender.metrics.bytes_total.inc(sent_bytes)
 
     def _run_nixl(self, stop: threading.Event) -> None:
@@ -320,6 +330,7 @@ class _Peer:
 
         def reap() -> None:
             still = []
+            broken = False
             for xfer, page, handle, nbytes in inflight:
                 state = agent.check(xfer)
                 if state == "PROC":
@@ -332,45 +343,56 @@ class _Peer:
                     metrics.bytes_total.inc(nbytes)
                 else:
                     handle._fail("nixl_error")
+                    broken = True
             inflight[:] = still
+            if broken:
+                raise PeerClosed(f"NIXL transfer to {self.target} failed")
             busy = {id(h) for _, _, h, _ in inflight}
             for handle in list(finishing):
                 if id(handle) not in busy:
                     finishing.remove(handle)
                     self._send_finish(handle)
 
-        while True:
-            item = self._next(stop, 0.0005 if inflight else _IDLE_PUMP)
-            if inflight or finishing:
-                reap()
-            if item is None:
-                continue
-            if item is _STOP:
-                return
-            if item[0] == "finish":
-                finishing.append(item[1])
-                reap()
-                continue
-            _, handle, index, page, nbytes, num_tokens, key = item
-            if handle.state is not PushState.PENDING:
-                sender._release_page(page)
-                continue
-            notif = NIXL_NOTIF.pack(b"K", handle.handle, index, index, nbytes, num_tokens, len(key))
-            remote_addr = self.pool_base + handle.pages[index] * remote_page_bytes
-            try:
-                xfer = agent.write(
-                    local_addr=agent.local_base + page.index * page_bytes,
-                    remote_addr=remote_addr,
-                    nbytes=nbytes,
-                    remote_agent=self.nixl_remote,
-                    remote_mem=self.remote_mem,
-                    remote_dev=self.remote_dev,
-                    notif=notif + key,
+        try:
+            while True:
+                item = self._next(stop, 0.0005 if inflight else _IDLE_PUMP)
+                if inflight or finishing:
+                    reap()
+                if item is None:
+                    continue
+                if item is _STOP:
+                    return
+                if item[0] == "finish":
+                    finishing.append(item[1])
+                    reap()
+                    continue
+                _, handle, index, page, nbytes, num_tokens, key = item
+                if handle.state is not PushState.PENDING:
+                    sender._release_page(page)
+                    continue
+                notif = NIXL_NOTIF.pack(
+                    b"K", handle.handle, index, index, nbytes, num_tokens, len(key)
                 )
-            except Exception as exc:
+                remote_addr = self.pool_base + handle.pages[index] * remote_page_bytes
+                try:
+                    xfer = agent.write(
+                        local_addr=agent.local_base + page.index * page_bytes,
+                        remote_addr=remote_addr,
+                        nbytes=nbytes,
+                        remote_agent=self.nixl_remote,
+                        remote_mem=self.remote_mem,
+                        remote_dev=self.remote_dev,
+                        notif=notif + key,
+                    )
+                except Exception as exc:
+                    sender._release_page(page)
+                    raise PeerClosed(f"NIXL WRITE to {self.target} failed: {exc}") from exc
+                inflight.append((xfer, page, handle, nbytes))
+        finally:
+            for xfer, page, handle, _nbytes in inflight:
+                agent.release_xfer(xfer)
                 sender._release_page(page)
-                raise PeerClosed(f"NIXL WRITE to {self.target} failed: {exc}") from exc
-            inflight.append((xfer, page, handle, nbytes))
+                handle._fail("peer_closed")
 
     def _send_finish(self, handle: PushHandle) -> None:
         if handle.state is not PushState.PENDING:
@@ -890,7 +912,7 @@ class KVSender:
         try:
             set_io_timeouts(sock)
             header = bytearray(FRAME_HEADER_SIZE)
-            pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, peer.session, None)
+            pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, peer.session)
             send_all(sock, (header,), time.monotonic() + self.config.handshake_timeout, self._stop)
         except BaseException:
             sock.close()

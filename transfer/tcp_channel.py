@@ -27,11 +27,13 @@ from lmcache_disagg.transfer.protocol import (
 __all__ = [
     "POLL_SLICE",
     "Stopped",
-    "frame_checksum",
+    "header_checksum",
     "pack_header",
     "recv_exact",
+    "recv_exact_vec",
     "send_all",
     "set_io_timeouts",
+    "skip_bytes",
 ]
 
 POLL_SLICE = 0.25
@@ -133,12 +135,10 @@ def send_all(
                 sent = 0
 
 
-def frame_checksum(header: memoryview | bytearray, key: bytes, payload: memoryview | None) -> int:
-    """xxh3-64 over the header's first 40 bytes, the key and the payload."""
+def header_checksum(header: memoryview | bytearray, key: bytes) -> int:
+    """xxh3-64 over the header's first 40 bytes and the key."""
     hasher = xxhash.xxh3_64(memoryview(header)[:FRAME_CHECKSUM_SPAN])
     hasher.update(key)
-    if payload is not None:
-        hasher.update(payload)
     return hasher.intdigest()
 
 
@@ -151,12 +151,52 @@ def pack_header(
     nbytes: int,
     num_tokens: int,
     key: bytes,
-    payload: memoryview | None,
 ) -> None:
-    """Pack a frame header (checksum included) into ``buf`` (len FRAME_HEADER_SIZE)."""
+    """Pack a frame header (header checksum included) into ``buf`` (len FRAME_HEADER_SIZE)."""
     if len(key) > MAX_KEY_BYTES:
         raise ValueError(f"chunk key longer than {MAX_KEY_BYTES} bytes")
     args = (FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, handle, slot, index, nbytes, num_tokens)
     FRAME_HEADER.pack_into(buf, 0, *args, len(key), 0, 0, key)
-    checksum = frame_checksum(buf, key, payload)
+    checksum = header_checksum(buf, key)
     FRAME_HEADER.pack_into(buf, 0, *args, len(key), 0, checksum, key)
+
+
+def recv_exact_vec(
+    sock: socket.socket,
+    views: list[memoryview],
+    stop: threading.Event,
+    *,
+    stall_timeout: float,
+) -> None:
+    """Fill every view in order (``recvmsg_into`` with MSG_WAITALL); raises like recv_exact."""
+    views = [v for v in views if len(v)]
+    last = time.monotonic()
+    while views:
+        try:
+            got = sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
+        except (BlockingIOError, TimeoutError, InterruptedError):
+            got = -1
+        except OSError as exc:
+            raise PeerClosed(f"connection error while reading: {exc}") from exc
+        if got == 0:
+            raise PeerClosed("connection closed mid-frame")
+        if got < 0:
+            if stop.is_set():
+                raise Stopped()
+            if time.monotonic() - last > stall_timeout:
+                raise PeerClosed(f"peer stalled for {stall_timeout:.3g}s mid-frame")
+            continue
+        last = time.monotonic()
+        views = skip_bytes(views, got)
+
+
+def skip_bytes(views: list[memoryview], count: int) -> list[memoryview]:
+    """The views left to fill after ``count`` bytes went into their front."""
+    out = []
+    for view in views:
+        if count >= len(view):
+            count -= len(view)
+            continue
+        out.append(view[count:] if count else view)
+        count = 0
+    return out

@@ -30,6 +30,7 @@ from lmcache_disagg.transfer.protocol import (
     encode,
 )
 from lmcache_disagg.transfer.receiver import KVReceiver
+from lmcache_disagg.transfer.tcp_channel import header_checksum
 from tests.transfer.utils import FP, RawPeer, make_config, wait_closed
 
 POISON = 0xAB
@@ -42,7 +43,8 @@ FUZZ = settings(
 
 class Target:
     def __init__(self) -> None:
-        self.rx = KVReceiver(make_config("tcp", pool_size=FP.page_bytes * 8), FP)
+        config = make_config("tcp", pool_size=FP.page_bytes * 8, reservation_ttl=3600)
+        self.rx = KVReceiver(config, FP)
         self.rx.pool.pages.fill_(POISON)
         self.rx.start()
         self.peer = RawPeer(self.rx.endpoint)
@@ -103,6 +105,7 @@ def test_random_bytes(target: Target, data: bytes) -> None:
     key_len=st.integers(0, 2**16 - 1),
     payload=st.binary(max_size=256),
     truncate=st.integers(0, 300),
+    valid_header_checksum=st.booleans(),
 )
 def test_structured_headers(
     target: Target,
@@ -114,25 +117,16 @@ def test_structured_headers(
     key_len: int,
     payload: bytes,
     truncate: int,
+    valid_header_checksum: bool,
 ) -> None:
     if handle == -1:
         handle = target.handle
         slot, index = slot % 4, index % 4  # near the reservation: in and just out of range
-    header = FRAME_HEADER.pack(
-        FRAME_MAGIC,
-        PROTOCOL_VERSION,
-        FRAME_CHUNK,
-        0,
-        handle,
-        slot,
-        index,
-        nbytes,
-        num_tokens,
-        key_len,
-        0,
-        0,
-        b"k",
-    )
+    fields = (FRAME_MAGIC, PROTOCOL_VERSION, FRAME_CHUNK, 0, handle, slot, index, nbytes)
+    header = FRAME_HEADER.pack(*fields, num_tokens, key_len, 0, 0, b"k")
+    if valid_header_checksum:  # get past the header check to exercise the bounds checks
+        checksum = header_checksum(header, header[48 : 48 + min(key_len, 64)])
+        header = FRAME_HEADER.pack(*fields, num_tokens, key_len, 0, checksum, b"k")
     frame = (header + payload)[: max(0, len(header) + len(payload) - truncate)]
     assert send_and_close(target, frame)
     assert target.outside_untouched()
@@ -183,21 +177,9 @@ def test_control_messages(
 
 def test_huge_declared_length_is_refused_without_reading(target: Target) -> None:
     before = target.rx.metrics.failures("protocol")
-    header = FRAME_HEADER.pack(
-        FRAME_MAGIC,
-        PROTOCOL_VERSION,
-        FRAME_CHUNK,
-        0,
-        target.handle,
-        0,
-        0,
-        2**63,
-        1,
-        1,
-        0,
-        0,
-        b"k",
-    )
+    fields = (FRAME_MAGIC, PROTOCOL_VERSION, FRAME_CHUNK, 0, target.handle, 0, 0, 2**63, 1, 1)
+    header = FRAME_HEADER.pack(*fields, 0, 0, b"k")
+    header = FRAME_HEADER.pack(*fields, 0, header_checksum(header, b"k"), b"k")
     sock = target.peer.data_conn()
     sock.sendall(header)
     assert wait_closed(sock)  # closed without us sending EOF or the payload

@@ -212,7 +212,7 @@ class RawPeer:
 
         sock = socket.create_connection((self.host, self.hello.data_port), timeout=5)
         header = bytearray(FRAME_HEADER_SIZE)
-        pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, session or self.session, None)
+        pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, session or self.session)
         sock.sendall(header)
         return sock
 
@@ -227,26 +227,18 @@ class RawPeer:
         slot: int | None = None,
         corrupt: bool = False,
     ) -> bytes:
-        from lmcache_disagg.transfer.protocol import FRAME_CHUNK, FRAME_HEADER_SIZE
+        """Header + payload + trailer; ``corrupt`` flips one payload bit after checksumming."""
+        from lmcache_disagg.transfer.protocol import FRAME_CHUNK, FRAME_HEADER_SIZE, FRAME_TRAILER
         from lmcache_disagg.transfer.tcp_channel import pack_header
 
         header = bytearray(FRAME_HEADER_SIZE)
         slot = index if slot is None else slot
-        pack_header(
-            header,
-            FRAME_CHUNK,
-            handle,
-            slot,
-            index,
-            len(payload),
-            num_tokens,
-            key,
-            memoryview(payload),
-        )
+        pack_header(header, FRAME_CHUNK, handle, slot, index, len(payload), num_tokens, key)
+        trailer = FRAME_TRAILER.pack(xxhash.xxh3_64_intdigest(payload))
         body = bytearray(payload)
         if corrupt and body:
             body[len(body) // 2] ^= 0x01
-        return bytes(header) + bytes(body)
+        return bytes(header) + bytes(body) + trailer
 
     def close(self) -> None:
         self.sock.close(0)
