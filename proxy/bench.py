@@ -3,8 +3,9 @@
 Default mode: one stub P and one stub D; our proxy with 1 and 2 processes and, if installed,
 ``vllm-router --vllm-pd-disaggregation`` on the same stubs. Each target gets the same closed-loop
 load (``--concurrency`` clients, 16-token answers, streamed and not) from a load generator in its
-own process. Targets are measured interleaved, ``--rounds`` times, and the median is reported with
-the ratio to vllm-router (the baseline is always measured in the same run).
+own process. Targets are measured interleaved (order reversed every other round), ``--rounds``
+times; the median is reported, and the ratio to vllm-router is the median of per-round ratios
+(the baseline is always measured in the same run, next to each measurement).
 
 ``--faults``: two P and two D stubs, one of each faulty (faults rotate through 500, reset, hang and
 slow/die every segment), our proxy only, mixed streamed and non-streamed load. Reports the status
@@ -126,9 +127,13 @@ def _throughput(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             _wait_generate(f"127.0.0.1:{port}", proc)
             targets["vllm-router"] = f"127.0.0.1:{port}"
         samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        for _ in range(args.rounds):
+        order = list(targets.items())
+        for round_index in range(args.rounds):
+            # Alternate the order (ABC, CBA, ...) so drifting background load on this shared
+            # machine does not systematically favour whichever target runs first.
+            ordered = order if round_index % 2 == 0 else order[::-1]
             for mode, body in _bodies(args.max_tokens).items():
-                for name, target in targets.items():
+                for name, target in ordered:
                     result = _load(target, body, args.requests, args.concurrency, args.warmup)
                     samples.setdefault(mode, {}).setdefault(name, []).append(result)
         return _summarise(samples)
@@ -149,11 +154,17 @@ def _summarise(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
                 "non_200": sum(n for r in results for s, n in r["statuses"].items() if s != "200"),
                 "rounds": [round(r["req_per_s"]) for r in results],
             }
-        base = rows.get("vllm-router")
+        base = by_target.get("vllm-router")
         if base:
-            for row in rows.values():
-                row["ratio_req_per_s"] = row["req_per_s"] / base["req_per_s"]
-                row["ratio_p50"] = row["p50_ms"] / base["p50_ms"]
+            # Ratios are paired per round (same background load), then the median is taken.
+            for name, row in rows.items():
+                results = by_target[name]
+                row["ratio_req_per_s"] = statistics.median(
+                    r["req_per_s"] / b["req_per_s"] for r, b in zip(results, base, strict=True)
+                )
+                row["ratio_p50"] = statistics.median(
+                    r["p50_ms"] / b["p50_ms"] for r, b in zip(results, base, strict=True)
+                )
         summary[mode] = rows
     return summary
 
@@ -293,14 +304,20 @@ def _clients(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 def _print_table(summary: dict[str, Any]) -> None:
     for mode, rows in summary.items():
         print(f"\n{mode}:")
-        print(f"  {'target':36} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x router':>9}")
+        print(
+            f"  {'target':36} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x router':>9}"
+            f" {'p50/router':>10}"
+        )
         for name, row in rows.items():
             ratio = row.get("ratio_req_per_s")
             ratio_text = f"{ratio:9.2f}" if ratio is not None else f"{'-':>9}"
+            p50_ratio = row.get("ratio_p50")
+            p50_text = f"{p50_ratio:10.2f}" if p50_ratio is not None else f"{'-':>10}"
             print(
                 f"  {name:36} {row['req_per_s']:9.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}"
-                f" {ratio_text}   rounds={row['rounds']}"
+                f" {ratio_text} {p50_text}   rounds={row['rounds']}"
             )
+        print("  (x router, p50/router: median over rounds of the per-round ratio)")
 
 
 def main(argv: list[str] | None = None) -> int:
