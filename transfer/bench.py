@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--total",
         default=None,
-        help="bytes to move per run (default: 1GiB, or 4096 chunks for chunks under 1MiB)",
+        help="bytes to move per run (default: 4GiB, or 16384 chunks for chunks under 1MiB)",
     )
     parser.add_argument("--chunks-per-transfer", type=int, default=None)
     parser.add_argument(
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.total is not None:
         total = parse_size(args.total)
     else:
-        total = 1 << 30 if chunk_bytes >= _MIB else chunk_bytes * 4096
+        total = 4 << 30 if chunk_bytes >= _MIB else chunk_bytes * 16384
     n_chunks = max(2, total // chunk_bytes)
     per_transfer = args.chunks_per_transfer or max(1, min(64, (64 * _MIB) // chunk_bytes))
     moved = n_chunks * chunk_bytes

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL = 0.05
 _MAX_COMMANDS = 4096
+_LINGER_MS = 200
 
 Callback = Callable[[Reply | None], None]
 """Called with the reply, or None when the socket closed before a reply came."""
@@ -65,7 +66,7 @@ class ControlLoop:
         self._wake()
         self._thread.join(timeout=5)
         for sock in self._sockets.values():
-            sock.close(0)
+            sock.close()
         self._sockets.clear()
         self._wake_r.close()
         self._wake_w.close()
@@ -139,7 +140,8 @@ class ControlLoop:
             match command:
                 case ("connect", key, address):
                     sock = self._ctx.socket(zmq.DEALER)
-                    sock.setsockopt(zmq.LINGER, 0)
+                    # A short linger lets cancels queued just before a close still go out.
+                    sock.setsockopt(zmq.LINGER, _LINGER_MS)
                     sock.connect(address)
                     self._sockets[key] = sock
                     by_socket[sock] = key
@@ -149,7 +151,7 @@ class ControlLoop:
                     if closing is not None:
                         poller.unregister(closing)
                         by_socket.pop(closing, None)
-                        closing.close(0)
+                        closing.close()
                     for pending_key in [k for k in self._pending if k[0] == key]:
                         self._call(self._pending.pop(pending_key), None)
                 case ("send", key, rid, payload, callback):

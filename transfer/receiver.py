@@ -162,8 +162,12 @@ class KVReceiver:
         *,
         listen_port: int | None = None,
         registry: CollectorRegistry | None = None,
+        advertise_data_port: int | None = None,
     ) -> None:
+        """``advertise_data_port`` replaces the TCP data port announced to senders (for port
+        forwarding, NAT, or a test fault proxy in front of the real port)."""
         fingerprint.validate()
+        self._advertise_data_port = advertise_data_port
         self.config = config
         self.fingerprint = fingerprint
         self.page_bytes = fingerprint.page_bytes
@@ -354,6 +358,11 @@ class KVReceiver:
 
     def occupancy(self) -> int:
         return self.pool.occupancy()
+
+    @property
+    def data_port(self) -> int:
+        """The TCP data port actually bound (0 before start)."""
+        return self._listener.getsockname()[1] if self._listener is not None else 0
 
     # -- transfer bookkeeping (callers hold self._lock) -----------------------------------------
 
@@ -637,7 +646,7 @@ class KVReceiver:
             proof=proof,
             auth_required=secret is not None,
             session=session.sid,
-            data_port=self._listener.getsockname()[1],
+            data_port=self._advertise_data_port or self._listener.getsockname()[1],
             page_bytes=self.page_bytes,
             n_pages=self.pool.n_pages,
             nixl_agent=nixl.name if nixl else "",

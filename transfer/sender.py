@@ -261,6 +261,9 @@ class _Peer:
                 except queue.Empty:
                     break
             if batch:
+                if not self.data_alive():
+                    self.sender._release_pages([chunk[3] for chunk in batch])
+                    raise PeerClosed(f"KV receiver {self.target} closed the data connection")
                 self._send_batch(sock, batch, headers, stop)
             if tail is _STOP:
                 return
@@ -420,15 +423,31 @@ class _Peer:
                 handle._fail("deadline")
                 handle._cancel_remote()
 
+    def data_alive(self) -> bool:
+        """False once D closed or reset the TCP data connection (D never sends on it, so any
+        readability means EOF or an error). Cheap: one non-blocking peek."""
+        sock = self.data_sock
+        if sock is None:
+            return not self.broken
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
     def mark_broken(self, reason: str, message: str) -> None:
         if not self.broken:
             logger.warning("KV push path to %s broken (%s): %s", self.target, reason, message)
-        self.broken = reason
         self.sender._forget_peer(self)
         with self.handles_lock:
             handles = list(self.handles)
         for handle in handles:
             handle._fail(reason)
+            # The control path may still work when only the data path broke: tell D now so
+            # its connector sees FAILED at once and the pages free before the TTL.
+            handle._cancel_remote()
+        self.broken = reason
         if self.data_sock is not None:
             with contextlib.suppress(OSError):
                 self.data_sock.shutdown(socket.SHUT_RDWR)
@@ -798,8 +817,11 @@ class KVSender:
     def _peer(self, target: str) -> _Peer:
         with self._peers_lock:
             peer = self._peers.get(target)
-            if peer is not None and not peer.broken:
+        if peer is not None and not peer.broken:
+            if peer.data_alive():
                 return peer
+            peer.mark_broken("peer_closed", "data connection closed by the receiver")
+        with self._peers_lock:
             lock = self._connect_locks.setdefault(target, threading.Lock())
         timeout = self.config.connect_timeout + self.config.handshake_timeout
         if not lock.acquire(timeout=timeout):
