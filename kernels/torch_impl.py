@@ -56,14 +56,24 @@ def block_runs(
     return runs
 
 
-def _tile_runs(runs: list[Run], tile: int) -> list[tuple[int, int, int, int, int]]:
-    """Split block runs at token-tile boundaries: ``(chunk offset, block, tile, first, length)``."""
-    out: list[tuple[int, int, int, int, int]] = []
+# (chunk token offset, block id, first tile, first slot in the tile, tokens, whole tiles or 0)
+TileRun = tuple[int, int, int, int, int, int]
+
+
+def _tile_runs(runs: list[Run], tile: int) -> list[TileRun]:
+    """Split block runs at token-tile boundaries (only ``cpu_amx`` has tiles smaller than a
+    block): a partial head tile, the whole tiles in between as one entry, a partial tail."""
+    out: list[TileRun] = []
     for i, block, slot, length in runs:
         end = slot + length
         while slot < end:
-            step = min(tile - slot % tile, end - slot)
-            out.append((i, block, slot // tile, slot % tile, step))
+            if slot % tile == 0 and end - slot >= 2 * tile:
+                whole = (end - slot) // tile
+                out.append((i, block, slot // tile, 0, whole * tile, whole))
+                step = whole * tile
+            else:
+                step = min(tile - slot % tile, end - slot)
+                out.append((i, block, slot // tile, slot % tile, step, 0))
             i, slot = i + step, slot + step
     return out
 
@@ -84,12 +94,16 @@ def _runs_copy(
     if sum(len(tiled) for *_, tiled in plan) > max_copies:
         return False
     for layers, kv0, view, tiled in plan:
-        _, _, _, _, _, kv, d1, d0 = view.shape
+        _, _, _, tile, _, kv, d1, d0 = view.shape
         # chunk [L', kv, tokens, H, D] -> [L', tokens, H, kv, D1, D0] to match the cells
         part = chunk[layers, kv0 : kv0 + kv].unflatten(-1, (d1, d0)).movedim(1, 3)
-        for i, block, t1, t0, length in tiled:
-            dst = part[:, i : i + length]
-            src = view[:, block, t1, t0 : t0 + length]
+        for i, block, t1, t0, length, whole in tiled:
+            if whole:
+                dst = part[:, i : i + length].unflatten(1, (whole, tile))
+                src = view[:, block, t1 : t1 + whole]
+            else:
+                dst = part[:, i : i + length]
+                src = view[:, block, t1, t0 : t0 + length]
             if to_chunk:
                 dst.copy_(src)
             else:
