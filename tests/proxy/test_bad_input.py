@@ -114,3 +114,24 @@ def test_expect_100_continue_is_answered(cluster: Cluster) -> None:
             assert chunk
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_pipelined_requests_answered_in_order(cluster: Cluster) -> None:
+    proxy = cluster.proxy()
+    one = json.dumps({"model": "stub-model", "prompt": "first", "max_tokens": 1}).encode()
+    two = json.dumps({"model": "stub-model", "prompt": "second one", "max_tokens": 2}).encode()
+    wire = b"".join(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-request-id: pipe-%d\r\ncontent-length: %d\r\n\r\n%s" % (i, len(body), body)
+        for i, body in ((1, one), (2, two))
+    )
+    import socket
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(wire)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2 or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+    assert data.index(b"x-request-id: pipe-1") < data.index(b"x-request-id: pipe-2")
