@@ -55,7 +55,9 @@ def test_sse_patcher_is_boundary_independent(n_tokens: int, cuts: list[int]) -> 
     events = sse_events(out.decode())
     assert events[-1] == "[DONE]"
     texts = [e["choices"][0]["text"] for e in events[:-2]]
-    assert texts == [f" t{i}\n\n" for i in range(n_tokens)]  # (JSON-escaped newlines are not event ends)
+    assert texts == [
+        f" t{i}\n\n" for i in range(n_tokens)
+    ]  # (JSON-escaped newlines are not event ends)
     usage = events[-2]["usage"]
     assert usage["prompt_tokens_details"] == {"cached_tokens": 8}
     assert usage["total_tokens"] == 8 + n_tokens
