@@ -44,7 +44,7 @@ def test_aligned_full_chunk(kind: str) -> None:
     check_case(Case(kind, torch.bfloat16, 16, 256, 512, num_layers=4), "torch")
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     impl=st.sampled_from(IMPLS),
     kind=st.sampled_from(KINDS),

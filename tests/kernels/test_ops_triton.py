@@ -54,7 +54,7 @@ def test_padded_blocks(kind: str, shared: bool) -> None:
     check_case(Case(kind, torch.bfloat16, 16, 40, 5, num_layers=3, pad=24, shared=shared), "triton")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     kind=st.sampled_from(KINDS),
     dtype=st.sampled_from(DTYPES),
