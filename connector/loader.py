@@ -31,8 +31,9 @@ from lmcache_disagg.connector.keys import chain_root, chunk_keys, chunk_spans
 from lmcache_disagg.connector.kvcache import WorkerKV
 from lmcache_disagg.connector.logonce import LogOnce
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata, LoadSpec
+from lmcache_disagg.connector.pusher import log_checksum
 from lmcache_disagg.connector.stats import StatsRecorder
-from lmcache_disagg.kernels import chunk_view, scatter
+from lmcache_disagg.kernels import chunk_view, gather, scatter
 from lmcache_disagg.transfer.errors import TransferError
 from lmcache_disagg.transfer.state import ReceivedChunk, RecvState, TransferState
 
@@ -102,6 +103,8 @@ class Loader:
         self._loads: dict[str, _Load] = {}
         self._grace = unknown_grace(config)
         self._extend_ttl = extend_ttl
+        self.verify = False
+        """Re-gather each loaded chunk from the paged cache and log its xxh3 (tests only)."""
 
     @property
     def pending(self) -> int:
@@ -230,11 +233,26 @@ class Loader:
     def _loaded(self, load: _Load, now: float) -> str:
         spec = load.spec
         load.keep = []
+        if self.verify:
+            self._log_loaded(spec)
         self._stats.count("loads")
         self._stats.count("tokens_loaded", spec.load_end - spec.load_start)
         self._stats.count("bytes_received", load.nbytes)
         self._stats.observe("load_wait_seconds", now - load.registered)
         return "ok"
+
+    def _log_loaded(self, spec: LoadSpec) -> None:
+        kv = self._kv
+        block_ids = torch.as_tensor(spec.block_ids, dtype=torch.int64)
+        num_layers = len(kv.caches)
+        spans = chunk_spans(spec.num_pushed, kv.fingerprint.chunk_size)
+        for index, (start, end) in enumerate(spans):
+            if start < spec.load_start or end > spec.load_end:
+                continue
+            shape = kv.layout.chunk_shape(num_layers, end - start)
+            out = torch.empty(shape, dtype=kv.layout.dtype, device=kv.device)
+            gather(kv.caches, kv.layout, block_ids.to(kv.device), start, end, out)
+            log_checksum("D", spec.transfer_id, index, out.view(torch.uint8).reshape(-1))
 
     def _fail(self, load: _Load, reason: str, detail: str) -> str:
         spec = load.spec

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import xxhash
 
 from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.connector.device import Completion, CopyEngine
@@ -43,12 +44,25 @@ from lmcache_disagg.transfer.errors import DeadlineExceeded, TransferError
 from lmcache_disagg.transfer.pool import SendPage
 from lmcache_disagg.transfer.state import PushState, PushStatus
 
-__all__ = ["MAX_PENDING_OPENS", "Pusher", "SenderLike"]
+__all__ = ["MAX_PENDING_OPENS", "Pusher", "SenderLike", "log_checksum"]
 
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_OPENS = 4096
 _OPEN_POLL = 0.1
+
+
+def log_checksum(side: str, transfer_id: str, index: int, data: torch.Tensor) -> None:
+    """One greppable line per chunk so tests can compare P's gathered and D's loaded bytes."""
+    digest = xxhash.xxh3_64_hexdigest(data.cpu().contiguous().numpy().tobytes())
+    logger.info(
+        "lmcache-disagg kv-checksum side=%s transfer=%s chunk=%d bytes=%d xxh3=%s",
+        side,
+        transfer_id,
+        index,
+        data.numel(),
+        digest,
+    )
 
 
 class HandleLike(Protocol):
@@ -139,7 +153,8 @@ class Pusher:
         self._opens: queue.Queue[_Push] = queue.Queue(maxsize=MAX_PENDING_OPENS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._block_table_device = kv.device
+        self.verify = False
+        """Log an xxh3 of every gathered chunk (``LMCACHE_DISAGG_VERIFY_KV=1``, tests only)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -283,6 +298,8 @@ class Pusher:
         # 1. Send the gathers that have completed (in order; D needs indices 0..n-1).
         while push.staged and push.staged[0].completion.done():
             staged = push.staged.popleft()
+            if self.verify:
+                log_checksum("P", push.transfer_id, staged.index, staged.page.data[: staged.nbytes])
             if not push.first_write:
                 push.first_write = time.monotonic()
             try:

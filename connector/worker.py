@@ -11,6 +11,7 @@ pushes nothing and fails every load at once, so vLLM recomputes - output stays c
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -34,9 +35,15 @@ __all__ = ["ConnectorWorker"]
 
 logger = logging.getLogger(__name__)
 
+VERIFY_ENV = "LMCACHE_DISAGG_VERIFY_KV"
 IDLE_WAIT = 0.002
 """On a step with nothing to compute, wait up to this long for an arriving transfer instead of
 letting the engine loop spin (2 cores are shared by P, D and the proxy here)."""
+
+
+def _verify_kv() -> bool:
+    """``LMCACHE_DISAGG_VERIFY_KV=1``: log per-chunk checksums on P and D (bitwise e2e checks)."""
+    return os.environ.get(VERIFY_ENV, "") == "1"
 
 
 class ConnectorWorker:
@@ -116,6 +123,7 @@ class ConnectorWorker:
                     self.log,
                     extend_ttl=receiver.pool.extend,
                 )
+                self.loader.verify = _verify_kv()
                 self.stats.gauge("pool_pages_total", receiver.pool.n_pages)
                 logger.info(
                     "lmcache-disagg D rank %d: KV endpoint %s (%s), %d pool pages of %d bytes",
@@ -130,6 +138,7 @@ class ConnectorWorker:
                 sender.start()
                 self.sender = sender
                 self.pusher = Pusher(self.config, kv, sender, copy_engine, self.stats, self.log)
+                self.pusher.verify = _verify_kv()
                 self.pusher.start()
                 logger.info("lmcache-disagg P rank %d: pushing %s", self.tp_rank, kv.fingerprint)
         except TransferError as exc:
