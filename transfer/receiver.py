@@ -90,6 +90,7 @@ logger = logging.getLogger(__name__)
 
 MAX_DATA_CONNECTIONS = 256
 MAX_SESSIONS = 1024
+MAX_HALF_OPEN = 256
 MAX_TOMBSTONES = 65536
 _CTL_IDLE_POLL_MS = 50
 _CTL_NIXL_POLL_MS = 1
@@ -185,7 +186,10 @@ class KVReceiver:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # Authenticated sessions (LRU) apart from half-open ones (hello without auth yet, probes),
+        # so a flood of hellos or health probes can never evict a working sender's session.
         self._sessions: collections.OrderedDict[bytes, _Session] = collections.OrderedDict()
+        self._half_open: collections.OrderedDict[bytes, _Session] = collections.OrderedDict()
         self._nixl_sessions: dict[str, _Session] = {}
         self._by_id: dict[str, _RxTransfer] = {}
         self._by_handle: dict[int, _RxTransfer] = {}
@@ -569,10 +573,12 @@ class KVReceiver:
     def _session(self, sid: bytes, *, for_data: bool = True) -> _Session:
         with self._lock:
             session = self._sessions.get(sid)
+            if session is not None:
+                self._sessions.move_to_end(sid)
+            elif sid in self._half_open:
+                raise AuthenticationFailed("session is not authenticated")
         if session is None:
             raise ProtocolViolation("unknown session (the receiver restarted?); handshake again")
-        if not session.authed:
-            raise AuthenticationFailed("session is not authenticated")
         if for_data and session.probe:
             raise ProtocolViolation("probe sessions cannot reserve")
         return session
@@ -629,13 +635,12 @@ class KVReceiver:
         if use_nixl:
             session.nixl_agent = hello.nixl_agent
         with self._lock:
-            self._sessions[session.sid] = session
-            while len(self._sessions) > MAX_SESSIONS:
-                _, old = self._sessions.popitem(last=False)
-                if old.nixl_agent:
-                    self._nixl_sessions.pop(old.nixl_agent, None)
-            if session.authed and session.nixl_agent and not session.probe:
-                self._nixl_sessions[session.nixl_agent] = session
+            if session.authed and not session.probe:
+                self._add_session_locked(session)
+            elif not session.authed:
+                self._half_open[session.sid] = session
+                while len(self._half_open) > MAX_HALF_OPEN:
+                    self._half_open.popitem(last=False)
         assert self._listener is not None
         nixl = self._nixl if use_nixl else None
         return HelloReply(
@@ -656,14 +661,23 @@ class KVReceiver:
             nixl_dev=nixl.device_id if nixl else 0,
         )
 
+    def _add_session_locked(self, session: _Session) -> None:
+        self._sessions[session.sid] = session
+        if session.nixl_agent:
+            self._nixl_sessions[session.nixl_agent] = session
+        while len(self._sessions) > MAX_SESSIONS:
+            _, old = self._sessions.popitem(last=False)
+            if old.nixl_agent and self._nixl_sessions.get(old.nixl_agent) is old:
+                del self._nixl_sessions[old.nixl_agent]
+
     def _on_auth(self, request: Auth) -> AuthReply:
         secret = self.config.cluster_secret
-        with self._lock:
-            session = self._sessions.get(request.session)
-        if session is None:
-            raise ProtocolViolation("unknown session")
         if secret is None:
             return AuthReply(request.rid, True)
+        with self._lock:
+            session = self._half_open.pop(request.session, None)
+        if session is None:
+            raise ProtocolViolation("unknown session")
         ok = auth.verify(
             secret,
             b"P",
@@ -674,16 +688,12 @@ class KVReceiver:
             self.fingerprint,
         )
         if not ok:
-            with self._lock:
-                self._sessions.pop(request.session, None)
             logger.warning("KV sender failed HMAC authentication; session refused")
             raise AuthenticationFailed("HMAC proof did not verify: wrong or missing cluster_secret")
-        with self._lock:
-            session.authed = True
-            if session.probe:
-                self._sessions.pop(session.sid, None)
-            elif session.nixl_agent:
-                self._nixl_sessions[session.nixl_agent] = session
+        session.authed = True
+        if not session.probe:
+            with self._lock:
+                self._add_session_locked(session)
         return AuthReply(request.rid, True)
 
     def _on_reserve(self, request: Reserve) -> ReserveReply:

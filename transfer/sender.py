@@ -698,6 +698,10 @@ class KVSender:
         self.metrics.pool_pages_used.inc()
         return page
 
+    def release_page(self, page: SendPage) -> None:
+        """Give back a page from :meth:`acquire_page` that will not be written. Idempotent."""
+        self._release_page(page)
+
     def _release_page(self, page: SendPage) -> None:
         self.send_pool.release(page)
         self.metrics.pool_pages_used.set(self.send_pool.in_use())
