@@ -6,8 +6,10 @@ Two strategies, chosen per call:
   a block its tokens are consecutive slots. When the per-layer caches are equally spaced windows
   of one allocation (how vLLM 0.32 allocates a KV cache group) they are one strided tensor
   ``[L, B, H, N, C]``, and each block run is a single ``copy_`` between strided views for all
-  layers, K and V together where they share a cell; that runs at memcpy speed on all intra-op
-  threads. Caches that are not equally spaced get one ``copy_`` per layer and run.
+  layers, K and V together where they share a cell, parallel over the intra-op threads. For the
+  token-major ``flash_nhd`` cells that is close to ``copy_`` speed; layouts that store K
+  transposed (``cpu``) or in tiles (``cpu_amx``) pay for element-wise shuffles. Caches that are
+  not equally spaced get one ``copy_`` per layer and run.
 * **Index kernels**, when there would be too many runs (tiny blocks): one ``aten.index`` /
   ``index_put_`` per layer and K/V over ``[block, slot]`` pairs.
 
@@ -125,9 +127,8 @@ def _index_views(
     return views
 
 
-def _tile_index(
-    layout: KVLayout, blk: torch.Tensor, slot: torch.Tensor, view: torch.Tensor
-) -> list[torch.Tensor]:
+def _tile_index(blk: torch.Tensor, slot: torch.Tensor, view: torch.Tensor) -> list[torch.Tensor]:
+    """Index tensors for ``view`` ``[B, T1, T0, ...]``: block, token tile, slot in the tile."""
     tile = view.shape[2]
     return [blk, slot // tile, slot % tile]
 
@@ -149,7 +150,7 @@ def gather(
     blk, slot = token_indices(layout, block_ids, token_start, token_end)
     for layer, kv, view in _index_views(layout, kv_caches):
         dst = out[layer, kv].unflatten(-1, view.shape[-2:])
-        torch.ops.aten.index.Tensor_out(view, _tile_index(layout, blk, slot, view), out=dst)
+        torch.ops.aten.index.Tensor_out(view, _tile_index(blk, slot, view), out=dst)
 
 
 def scatter(
@@ -169,4 +170,4 @@ def scatter(
     blk, slot = token_indices(layout, block_ids, token_start, token_end)
     for layer, kv, view in _index_views(layout, kv_caches):
         src = chunk[layer, kv].unflatten(-1, view.shape[-2:])
-        view.index_put_(tuple(_tile_index(layout, blk, slot, view)), src)
+        view.index_put_(tuple(_tile_index(blk, slot, view)), src)
