@@ -286,3 +286,38 @@ def test_secret_never_reaches_logs_or_reprs(caplog: pytest.LogCaptureFixture) ->
     finally:
         rx.shutdown()
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rx_channel", "tx_channel", "expected"),
+    [("auto", "auto", "nixl"), ("tcp", "auto", "tcp"), ("auto", "tcp", "tcp")],
+)
+def test_channel_auto_selection(rx_channel: str, tx_channel: str, expected: str) -> None:
+    receiver = KVReceiver(make_config(rx_channel), FP)
+    receiver.start()
+    sender = KVSender(make_config(tx_channel), FP)
+    sender.start()
+    try:
+        assert push_all(sender, receiver.endpoint, "auto", 2) is PushState.DONE
+        assert sender.channel_for(receiver.endpoint) == expected
+        selected = sender.metrics.registry.get_sample_value(
+            "lmcache_disagg_transfer_channel_selected_total", {"side": "send", "channel": expected}
+        )
+        assert selected == 1
+        receiver.release("auto")
+    finally:
+        sender.shutdown()
+        receiver.shutdown()
+
+
+def test_nixl_channel_refuses_a_tcp_only_receiver() -> None:
+    receiver = KVReceiver(make_config("tcp"), FP)
+    receiver.start()
+    sender = KVSender(make_config("nixl"), FP)
+    sender.start()
+    try:
+        with pytest.raises(PeerUnreachable, match="NIXL"):
+            sender.open(receiver.endpoint, "n", 1)
+    finally:
+        sender.shutdown()
+        receiver.shutdown()
