@@ -32,7 +32,12 @@ import orjson
 
 from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.accesslog import AccessLog
-from lmcache_disagg.proxy.errors import ClientRequestError, ProxyError, UpstreamStatusError
+from lmcache_disagg.proxy.errors import (
+    ClientRequestError,
+    NoWorkerAvailable,
+    ProxyError,
+    UpstreamStatusError,
+)
 from lmcache_disagg.proxy.httpserver import Request, Responder
 from lmcache_disagg.proxy.kvprobe import KVPathProber
 from lmcache_disagg.proxy.metrics import ProxyMetrics
@@ -164,10 +169,13 @@ class ProxyApp:
         if path == "/health":
             resp.send(200, b'{"status":"ok"}')
         elif path == "/ready":
-            if self.pool.ready():
-                resp.send(200, b'{"ready":true}')
-            else:
-                resp.send(503, b'{"ready":false}')
+            ready = self.pool.ready()
+            body = {
+                "ready": ready,
+                "prefill_healthy": sum(w.healthy for w in self.pool.role("prefill")),
+                "decode_healthy": sum(w.healthy for w in self.pool.role("decode")),
+            }
+            resp.send(200 if ready else 503, orjson.dumps(body))
         elif path == "/metrics":
             resp.send(200, self.metrics.render(), content_type=_PROM_TYPE)
         elif path == "/v1/models":
@@ -246,7 +254,9 @@ class ProxyApp:
             if ctx is not None:
                 ctx.error = str(exc)
             if not resp.started:
-                self._error(resp, exc.status, str(exc), exc.error_type)
+                retry = (b"retry-after", self._retry_after)
+                headers = (retry,) if isinstance(exc, NoWorkerAvailable) else ()
+                self._error(resp, exc.status, str(exc), exc.error_type, headers=headers)
         except asyncio.CancelledError:
             status = 499  # client went away; upstream calls were cancelled with us
             raise

@@ -51,6 +51,10 @@ def test_error_mapping_502_503_504(cluster: Cluster) -> None:
     resp = proxy.post("/v1/completions", completion())
     assert resp.status_code == 503  # no healthy D
     assert resp.json()["error"]["code"] == 503
+    assert resp.headers["retry-after"] == "1"
+    ready = httpx.get(proxy.url + "/ready", timeout=2)
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "prefill_healthy": 1, "decode_healthy": 0}
     proxy = cluster.proxy(decode=["d0", "d1"], extra=SHORT)
     cluster["d0"].set("500")
     cluster["d1"].set("500")
