@@ -91,6 +91,8 @@ logger = logging.getLogger(__name__)
 MAX_DATA_CONNECTIONS = 256
 MAX_SESSIONS = 1024
 MAX_HALF_OPEN = 256
+NIXL_QUARANTINE = 2.0
+"""Seconds the pages of an unfinished NIXL transfer stay out of the pool after it ends."""
 MAX_TOMBSTONES = 65536
 _CTL_IDLE_POLL_MS = 50
 _CTL_NIXL_POLL_MS = 1
@@ -200,6 +202,7 @@ class KVReceiver:
         )
         self._handles = itertools.count(secrets.randbelow(1 << 30) + 1)
         self._resolved: collections.deque[_RxTransfer] = collections.deque()
+        self._quarantine: collections.deque[tuple[float, _RxTransfer]] = collections.deque()
         self._threads: list[threading.Thread] = []
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._conn_ids = itertools.count()
@@ -382,6 +385,12 @@ class KVReceiver:
             self._tombstones.popitem(last=False)
         while len(self._ended_handles) > MAX_TOMBSTONES:
             self._ended_handles.popitem(last=False)
+        if t.session.nixl_agent and t.state is not RecvState.COMPLETE:
+            # A NIXL WRITE may still be in flight for an unfinished transfer (D cannot fence
+            # remote writes): keep its pages out of circulation for a grace period so a late
+            # write can never land in another transfer's page.
+            t.writers += 1
+            self._quarantine.append((time.monotonic() + NIXL_QUARANTINE, t))
         if t.writers == 0:
             self.pool.release(t.transfer_id)
             self.metrics.pool_pages_used.set(self.pool.occupancy())
@@ -510,6 +519,12 @@ class KVReceiver:
                 self._sweep(now)
 
     def _sweep(self, now: float) -> None:
+        with self._lock:
+            while self._quarantine and self._quarantine[0][0] <= now:
+                _, held = self._quarantine.popleft()
+                held.writers -= 1
+                if held.writers == 0:
+                    self.pool.release(held.transfer_id)
         for transfer_id in self.pool.expired(now):
             with self._lock:
                 t = self._by_id.get(transfer_id)
