@@ -321,3 +321,25 @@ def test_nixl_channel_refuses_a_tcp_only_receiver() -> None:
     finally:
         sender.shutdown()
         receiver.shutdown()
+
+
+def test_nixl_pages_of_a_cancelled_transfer_are_quarantined() -> None:
+    from lmcache_disagg.transfer.receiver import NIXL_QUARANTINE
+
+    receiver = KVReceiver(make_config("nixl"), FP)
+    receiver.start()
+    sender = KVSender(make_config("nixl"), FP)
+    sender.start()
+    try:
+        push = sender.open(receiver.endpoint, "q", 2)
+        page = sender.acquire_page(1.0)
+        push.write(0, page, FP.page_bytes, FP.chunk_size, b"k")
+        assert wait_until(lambda: receiver.poll("q").chunks_received == 1, 10)
+        push.cancel()
+        assert wait_until(lambda: receiver.poll("q").state is RecvState.FAILED, 10)
+        # A late remote WRITE could still land: the pages stay out of the pool for a while.
+        assert receiver.occupancy() == 2
+        assert wait_until(lambda: receiver.occupancy() == 0, NIXL_QUARANTINE * 10)
+    finally:
+        sender.shutdown()
+        receiver.shutdown()
