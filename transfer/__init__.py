@@ -22,6 +22,27 @@ Usage (D's worker, then P's worker)::
     push.finish()                                           # push.status(): PENDING/DONE/FAILED
     # D: rx.poll("req-1").state is RecvState.COMPLETE -> rx.chunks("req-1") -> scatter -> rx.release
 
+Contracts worth knowing:
+
+* ``PushHandle.write`` never blocks on the network (bounded queue; pages return to the sender's pool
+  once sent). A failed push drops later writes silently; ``status()``/``wait()`` say why.
+  ``KVSender.release_page`` gives back a page you acquired but will not write.
+* D completes a transfer when every chunk in ``[0, n)`` arrived and verified (``n`` = reserved, or
+  the count ``finish`` announces). Pages stay until ``release`` or ``reservation_ttl`` (restarted at
+  COMPLETE); an unfinished reservation is freed at its TTL, so a dead P leaks nothing.
+* Transfer ids are single-use per receiver: a second push with the same id is refused
+  (DuplicateTransfer); duplicate frames and writes after release are dropped and counted.
+
+Security model: with ``cluster_secret`` set, the handshake is a mutual HMAC-SHA256 challenge over
+both nonces and fingerprints; D accepts reservations, data connections and NIXL notifications only
+from authenticated sessions, and P pushes only to receivers that prove the secret. Without a secret
+P pushes only to ``push_allowlist`` (empty = loopback) and D should listen on loopback (it warns
+loudly otherwise). Every TCP frame carries a header checksum (checked before any byte is written)
+and a payload checksum (a bad chunk fails its transfer: recompute, never load); every peer-supplied
+index, length and count is bounds-checked. Not protected: confidentiality (no encryption) and an
+on-path attacker who can read the session id; NIXL/RDMA writes are trusted to the fabric (D cannot
+fence a registered pool, so it quarantines the pages of unfinished NIXL transfers after a cancel).
+
 Only :mod:`.protocol`, :mod:`.errors`, :mod:`.probe` and :mod:`.auth` are torch-free; this package
 imports nothing heavy eagerly (names below load lazily), so the proxy can import
 ``lmcache_disagg.transfer.probe.probe`` (not re-exported here: the name is the submodule's).

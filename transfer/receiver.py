@@ -251,6 +251,12 @@ class KVReceiver:
         self._wake_w.setblocking(False)
         if self.config.channel in ("auto", "nixl"):
             self._nixl = self._try_nixl()
+        if self._nixl is None and self.pool.view is None:
+            self.shutdown()
+            raise TransferError(
+                "NIXL is unavailable and the TCP fallback needs a host receive pool "
+                "(pool_device cpu or pinned)"
+            )
         self.channel_kind = "nixl" if self._nixl is not None else "tcp"
         self.metrics.channel_selected(self.channel_kind)
         logger.info(

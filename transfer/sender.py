@@ -924,6 +924,10 @@ class KVSender:
         elif config.channel == "nixl":
             raise PeerUnreachable(f"KV receiver {peer.target} offers no NIXL channel")
         if peer.channel == "tcp":
+            if self.send_pool.view is None:
+                raise TransferError(
+                    "the TCP channel needs host staging pages (pool_device cpu or pinned)"
+                )
             peer.data_sock = self._connect_data(peer, reply.data_port)
         logger.info("KV push path to %s: channel %s", peer.target, peer.channel)
         self.metrics.channel_selected(peer.channel)
