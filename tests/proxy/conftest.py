@@ -6,13 +6,13 @@ before every test; each test starts the proxy configuration it needs (about 0.3 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lmcache_disagg.proxy.cluster import Proc, free_port, start_proxy, start_stub, wait_http
-from tests.proxy.utils import Cluster, ProxyHandle, Stub
+from lmcache_disagg.proxy.cluster import Proc, free_port, start_stub, wait_http
+from tests.proxy.utils import Cluster, Stub
 
 
 @pytest.fixture(scope="session")
@@ -42,11 +42,3 @@ def cluster(stub_procs: dict[str, Stub], tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(stub_procs, tmp_path)
     yield c
     c.stop_all()
-
-
-ProxyFactory = Callable[..., ProxyHandle]
-
-
-@pytest.fixture
-def start_proxy_fn() -> Callable[..., Proc]:
-    return start_proxy
