@@ -77,3 +77,12 @@ def test_bench_json_smoke() -> None:
     for mode in ("non_stream", "stream"):
         row = result["results"][mode]["lmcache-disagg-proxy (workers=1)"]
         assert row["req_per_s"] > 0 and row["non_200"] == 0
+
+
+def test_console_script_help() -> None:
+    script = Path(sys.executable).parent / "lmcache-disagg-proxy"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--prefill", "--decode", "--policy", "--local-prefill-threshold", "--workers",
+                 "--max-concurrency", "--admin-key", "--kv-probe"):  # fmt: skip
+        assert flag in out.stdout
