@@ -43,7 +43,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m pip install --quiet "vllm-router==0.1.17" || echo "vllm-router unavailable: the proxy bench runs without it"
+	$(BIN)/python -m pip install --quiet -e ".[bench]" || echo "vllm-router unavailable: the proxy bench runs without it"
 	@mkdir -p bench-results
 	$(BIN)/lmcache-disagg bench kernels --json | tee bench-results/kernels.txt
 	$(BIN)/lmcache-disagg bench transfer --channel tcp --json | tee bench-results/transfer-tcp.txt
