@@ -14,8 +14,10 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -122,27 +124,54 @@ def _run_channel(
         while warm.status().state is PushState.PENDING:
             time.sleep(0.001)
         kind = tx.channel_for(endpoint)
+        # Like the connector, reservations are opened on their own thread ahead of the writes,
+        # so a control round trip never stalls the data path; at most ``in_flight`` transfers
+        # are reserved and unacknowledged at a time.
+        slots = threading.Semaphore(in_flight)
+        opened: queue.Queue[Any] = queue.Queue()
+        counts = [min(per_transfer, n_chunks - t * per_transfer) for t in range(n_transfers)]
+
+        def opener() -> None:
+            for t, count in enumerate(counts):
+                slots.acquire()
+                try:
+                    opened.put(tx.open(endpoint, f"bench-{t}", count))
+                except Exception as exc:
+                    opened.put(exc)
+                    return
+
         pending: list[Any] = []
         done: list[Any] = []
-        sent = 0
+
+        def reap(block: bool) -> None:
+            while pending:
+                status = pending[0].wait(0.05) if block else pending[0].status()
+                if status.state is PushState.PENDING:
+                    return
+                done.append(pending.pop(0))
+                slots.release()
+
+        thread = threading.Thread(target=opener, name="lmcd-bench-opener", daemon=True)
         started = time.perf_counter()
-        for t in range(n_transfers):
-            count = min(per_transfer, n_chunks - sent)
-            while len(pending) >= in_flight:
-                if pending[0].status().state is PushState.PENDING:
-                    time.sleep(0.001)
-                else:
-                    done.append(pending.pop(0))
-            push = tx.open(endpoint, f"bench-{t}", count)
+        thread.start()
+        for count in counts:
+            while True:
+                try:
+                    push = opened.get(timeout=0.002)
+                    break
+                except queue.Empty:
+                    reap(block=False)
+            if isinstance(push, Exception):
+                raise SystemExit(f"open failed: {push!r}")
             for i in range(count):
                 push.write(i, tx.acquire_page(60), chunk_bytes, 1, key)
             push.finish()
             pending.append(push)
-            sent += count
-        while any(p.status().state is PushState.PENDING for p in pending):
-            time.sleep(0.0005)
+            reap(block=False)
+        while pending:
+            reap(block=True)
+        thread.join(10)
         elapsed = time.perf_counter() - started
-        done.extend(pending)
         failed = [p.status() for p in done if p.status().state is not PushState.DONE]
         if not parent.poll(60):
             raise SystemExit("receiver did not report")
