@@ -49,6 +49,8 @@ def connector_config(role: str, listen_port: int) -> dict[str, Any]:
         "kv_connector": "LMCacheDisaggConnector",
         "kv_connector_module_path": "lmcache_disagg.connector",
         "kv_role": role,
+        # A failed KV load is recomputed, never turned into a failed request.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"channel": "tcp", "listen_port": listen_port},
     }
 
