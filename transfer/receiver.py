@@ -773,7 +773,9 @@ class KVReceiver:
         session = self._session(request.session)
         with self._lock:
             t = self._by_handle.get(request.handle)
-            if t is not None and t.session is session:
+            # A complete transfer belongs to D's connector now (it may be copying out of the
+            # pages): only its release or the TTL frees it.
+            if t is not None and t.session is session and t.state is not RecvState.COMPLETE:
                 self._end_locked(t, "cancelled", "cancelled")
         return CancelReply(request.rid)
 

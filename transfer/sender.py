@@ -563,6 +563,8 @@ class PushHandle:
         if self._cancelled:
             return
         self._cancelled = True
+        if self.state is PushState.DONE:
+            return  # D owns a complete transfer now; its connector releases it
         self._fail("cancelled")
         self._cancel_remote()
 

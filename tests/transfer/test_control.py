@@ -17,7 +17,7 @@ from lmcache_disagg.transfer.errors import (
     TargetNotAllowed,
 )
 from lmcache_disagg.transfer.probe import probe
-from lmcache_disagg.transfer.protocol import ErrorReply, LayoutFingerprint, ReserveReply
+from lmcache_disagg.transfer.protocol import Cancel, ErrorReply, LayoutFingerprint, ReserveReply
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
@@ -343,3 +343,25 @@ def test_nixl_pages_of_a_cancelled_transfer_are_quarantined() -> None:
     finally:
         sender.shutdown()
         receiver.shutdown()
+
+
+def test_cancel_after_complete_keeps_the_data_for_the_connector(
+    rx: KVReceiver, tx: KVSender
+) -> None:
+    push = tx.open(rx.endpoint, "kept", 1)
+    page = tx.acquire_page(1.0)
+    push.write(0, page, FP.page_bytes, FP.chunk_size, b"k")
+    push.finish()
+    assert push.wait(5).state is PushState.DONE
+    push.cancel()
+    # A late cancel straight from the wire (same session) must not free it either.
+    session = tx._peers[rx.endpoint].session
+    peer = RawPeer(rx.endpoint)
+    try:
+        assert peer.request(lambda rid: Cancel(rid, session, push.handle)).rid
+    finally:
+        peer.close()
+    assert rx.poll("kept").state is RecvState.COMPLETE
+    assert len(rx.chunks("kept")) == 1
+    rx.release("kept")
+    assert rx.occupancy() == 0
