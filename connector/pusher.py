@@ -94,6 +94,7 @@ class _Staged:
     nbytes: int
     num_tokens: int
     completion: Completion
+    keep: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -347,27 +348,39 @@ class Pusher:
         try:
             out = chunk_view(page.data, kv.layout, len(kv.caches), num_tokens)
             block_ids = torch.as_tensor(push.block_ids, dtype=torch.int64)
-            completion = self._copy.submit(
-                lambda: gather(kv.caches, kv.layout, block_ids, start, end, out)
-            )
+            if out.device == kv.device:
+                completion = self._copy.submit(
+                    lambda: gather(kv.caches, kv.layout, block_ids, start, end, out)
+                )
+                keep: torch.Tensor | None = None
+            else:
+                # GPU caches, host (pinned) staging page: gather on the device, then download,
+                # both on the copy stream; ``keep`` holds the device buffer until the event.
+                keep = torch.empty(out.shape, dtype=out.dtype, device=kv.device)
+                device_out = keep
+
+                def copy() -> None:
+                    gather(kv.caches, kv.layout, block_ids, start, end, device_out)
+                    out.copy_(device_out, non_blocking=True)
+
+                completion = self._copy.submit(copy)
         except Exception as exc:  # a layout bug must not take P down: fail this push only
             self._sender._release_page(page)
             self._mark_failed(push, "gather_error", repr(exc))
             return None
         nbytes = kv.layout.chunk_bytes(len(kv.caches), num_tokens)
-        return _Staged(index, page, nbytes, num_tokens, completion)
+        return _Staged(index, page, nbytes, num_tokens, completion, keep)
 
     def _settled(self, push: _Push, now: float) -> bool:
         """Nothing more will read this push's blocks or pages (and its outcome is recorded)."""
-        if push.failed is None and now > push.deadline:
+        status = PushStatus(PushState.PENDING)
+        if push.failed is None and push.finish_called and push.handle is not None:
+            status = push.handle.status()
+        if status.state is PushState.PENDING and push.failed is None and now > push.deadline:
             self._mark_failed(push, "deadline", f"push {push.transfer_id} passed push_deadline")
         if push.failed is not None:
             self._drop_staged(push)
             return not push.staged
-        if not push.finish_called:
-            return False
-        assert push.handle is not None
-        status = push.handle.status()
         if status.state is PushState.PENDING:
             return False
         if status.state is PushState.FAILED:
