@@ -185,7 +185,10 @@ def _print_answers(answers: list[Answer], loaded: float, computed: float) -> Non
             f"{answer.kind:<15} {answer.prompt_tokens:>10} {answer.cached_tokens:>10} "
             f"{answer.completion_tokens:>10} {answer.ttft_s * 1000:>9.1f}"
         )
-    print(f"\nOn D: {loaded:.0f} prompt tokens loaded from P, {computed:.0f} computed locally.")
+    print(
+        f"\nOn D (vLLM's own counters): {loaded:.0f} prompt tokens loaded from P, "
+        f"{computed:.0f} computed locally (the last token of each prompt is always computed)."
+    )
 
 
 def run_single(model_dir: Path, work: Path) -> int:
