@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import os
 import queue
 import socket
 import sys
@@ -62,6 +61,15 @@ def _config(channel: str, chunk_bytes: int, pool_pages: int, send_pages: int) ->
     )
 
 
+def _in_flight_transfers(chunk_bytes: int, per_transfer: int) -> int:
+    """Reserved-but-unacknowledged transfers: enough that round trips never drain the pipe."""
+    return max(4, min(16, (512 * _MIB) // (chunk_bytes * per_transfer)))
+
+
+def _send_pages(chunk_bytes: int) -> int:
+    return max(8, min(64, (512 * _MIB) // chunk_bytes))
+
+
 # -- channel run ---------------------------------------------------------------------------------
 
 
@@ -98,9 +106,9 @@ def _run_channel(
     from lmcache_disagg.transfer.state import PushState
 
     n_transfers = math.ceil(n_chunks / per_transfer)
-    in_flight = max(2, min(8, (256 * _MIB) // (chunk_bytes * per_transfer)))
+    in_flight = _in_flight_transfers(chunk_bytes, per_transfer)
     pool_pages = per_transfer * in_flight * 2
-    send_pages = max(4, min(64, (256 * _MIB) // chunk_bytes))
+    send_pages = _send_pages(chunk_bytes)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(
@@ -198,8 +206,12 @@ def _run_channel(
 
 
 def _raw_tcp_receiver(conn: Connection, port: int, chunk_bytes: int, n_chunks: int) -> None:
-    buf = bytearray(chunk_bytes)
-    view = memoryview(buf)
+    from lmcache_disagg.transfer.pool import allocate_pages, host_view
+
+    # Same allocator as the pools (huge pages, pre-faulted), so memory is not the difference.
+    buf = allocate_pages(1, chunk_bytes, "cpu")
+    view = host_view(buf)
+    assert view is not None
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(n_chunks):
@@ -226,8 +238,12 @@ def _run_raw_tcp(chunk_bytes: int, n_chunks: int) -> float:
         sock, _ = server.accept()
         with sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            payload = memoryview(bytearray(os.urandom(1024)) * (chunk_bytes // 1024 + 1))
-            payload = payload[:chunk_bytes]
+            from lmcache_disagg.transfer.pool import allocate_pages, host_view
+
+            pages = allocate_pages(1, chunk_bytes, "cpu")
+            pages.random_(0, 255)
+            payload = host_view(pages)
+            assert payload is not None
             sock.sendall(payload)  # warm-up chunk is part of n_chunks; timing starts after it
             started = time.perf_counter()
             for _ in range(n_chunks - 1):
@@ -240,12 +256,11 @@ def _run_raw_tcp(chunk_bytes: int, n_chunks: int) -> float:
 
 
 def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int) -> None:
-    import torch
-
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
+    from lmcache_disagg.transfer.pool import allocate_pages
 
     agent = NixlAgent("lmcd-bench-raw-rx", ("UCX",))
-    buf = torch.zeros((pages, chunk_bytes), dtype=torch.uint8)
+    buf = allocate_pages(pages, chunk_bytes, "cpu")
     agent.register(buf)
     conn.send((agent.metadata(), agent.base_address))
     deadline = time.monotonic() + 600
@@ -259,9 +274,8 @@ def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int) -> None:
 
 
 def _run_raw_nixl(chunk_bytes: int, n_chunks: int, depth: int) -> float:
-    import torch
-
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
+    from lmcache_disagg.transfer.pool import allocate_pages
 
     pages = max(2, depth)
     ctx = mp.get_context("spawn")
@@ -271,7 +285,8 @@ def _run_raw_nixl(chunk_bytes: int, n_chunks: int, depth: int) -> float:
     )
     proc.start()
     agent = NixlAgent("lmcd-bench-raw-tx", ("UCX",))
-    local = torch.randint(0, 255, (pages, chunk_bytes), dtype=torch.uint8)
+    local = allocate_pages(pages, chunk_bytes, "cpu")
+    local.random_(0, 255)
     agent.register(local)
     try:
         metadata, base = parent.recv()
@@ -350,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.channel == "tcp":
             raw = _run_raw_tcp(chunk_bytes, n_chunks)
         else:
-            depth = max(2, min(8, (256 * _MIB) // (chunk_bytes * per_transfer))) * per_transfer
+            depth = _send_pages(chunk_bytes)  # as many WRITEs in flight as staging pages
             raw = _run_raw_nixl(chunk_bytes, n_chunks, depth)
         run = _run_channel(args.channel, chunk_bytes, n_chunks, per_transfer)
         rounds.append({"raw_s": raw, "channel_s": run["seconds"], "ratio": raw / run["seconds"]})
