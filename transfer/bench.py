@@ -106,9 +106,10 @@ def _run_channel(
     from lmcache_disagg.transfer.state import PushState
 
     n_transfers = math.ceil(n_chunks / per_transfer)
-    in_flight = _in_flight_transfers(chunk_bytes, per_transfer)
+    per_transfer = min(per_transfer, n_chunks)
+    in_flight = min(_in_flight_transfers(chunk_bytes, per_transfer), n_transfers)
     pool_pages = per_transfer * in_flight * 2
-    send_pages = _send_pages(chunk_bytes)
+    send_pages = min(_send_pages(chunk_bytes), n_chunks + 1)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         total = 4 << 30 if chunk_bytes >= _MIB else chunk_bytes * 16384
     n_chunks = max(2, total // chunk_bytes)
     per_transfer = args.chunks_per_transfer or max(1, min(64, (64 * _MIB) // chunk_bytes))
+    per_transfer = min(per_transfer, n_chunks)
     moved = n_chunks * chunk_bytes
     rounds = []
     run: dict[str, Any] = {}
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.channel == "tcp":
             raw = _run_raw_tcp(chunk_bytes, n_chunks)
         else:
-            depth = _send_pages(chunk_bytes)  # as many WRITEs in flight as staging pages
+            # as many WRITEs in flight as the channel has staging pages
+            depth = min(_send_pages(chunk_bytes), n_chunks + 1)
             raw = _run_raw_nixl(chunk_bytes, n_chunks, depth)
         run = _run_channel(args.channel, chunk_bytes, n_chunks, per_transfer)
         rounds.append({"raw_s": raw, "channel_s": run["seconds"], "ratio": raw / run["seconds"]})
