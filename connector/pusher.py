@@ -296,7 +296,36 @@ class Pusher:
         if push.failed or handle is None:
             self._drop_staged(push)
             return
-        # 1. Send the gathers that have completed (in order; D needs indices 0..n-1).
+        # Gather every chunk the computed range now covers, handing each to the sender as soon
+        # as its copy has completed (at once on the CPU), so sending overlaps the next gathers.
+        if not self._write_ready(push, handle):
+            return
+        while push.next_chunk < push.n_chunks:
+            start, end = push.spans[push.next_chunk]
+            if end > push.ready_end or not push.block_ids:
+                break
+            try:
+                page = self._sender.acquire_page(timeout=0)
+            except DeadlineExceeded:
+                break  # staging full: retry next step (the blocks stay held)
+            gathered = self._gather(push, push.next_chunk, start, end, page)
+            if gathered is None:
+                return
+            push.staged.append(gathered)
+            push.next_chunk += 1
+            if not self._write_ready(push, handle):
+                return
+        # Everything handed over: seal the push so D can verify and complete it.
+        if not push.finish_called and push.written == push.n_chunks and not push.staged:
+            push.finish_called = True
+            try:
+                handle.finish()
+            except (TransferError, ValueError) as exc:
+                self._mark_failed(push, "finish_error", str(exc))
+            self._stats.count("tokens_pushed", push.spans[-1][1])
+
+    def _write_ready(self, push: _Push, handle: HandleLike) -> bool:
+        """Send the staged chunks whose copy completed, in index order; False if the push failed."""
         while push.staged and push.staged[0].completion.done():
             staged = push.staged.popleft()
             if self.verify:
@@ -314,31 +343,10 @@ class Pusher:
             except (TransferError, ValueError) as exc:
                 self._mark_failed(push, "write_error", str(exc))
                 self._drop_staged(push)
-                return
+                return False
             push.written += 1
             push.bytes += staged.nbytes
-        # 2. Gather every chunk the computed range now covers.
-        while push.next_chunk < push.n_chunks:
-            start, end = push.spans[push.next_chunk]
-            if end > push.ready_end or not push.block_ids:
-                break
-            try:
-                page = self._sender.acquire_page(timeout=0)
-            except DeadlineExceeded:
-                break  # staging full: retry next step (the blocks stay held)
-            gathered = self._gather(push, push.next_chunk, start, end, page)
-            if gathered is None:
-                return
-            push.staged.append(gathered)
-            push.next_chunk += 1
-        # 3. Everything handed over: seal the push so D can verify and complete it.
-        if not push.finish_called and push.written == push.n_chunks and not push.staged:
-            push.finish_called = True
-            try:
-                handle.finish()
-            except (TransferError, ValueError) as exc:
-                self._mark_failed(push, "finish_error", str(exc))
-            self._stats.count("tokens_pushed", push.spans[-1][1])
+        return True
 
     def _gather(
         self, push: _Push, index: int, start: int, end: int, page: SendPage
