@@ -155,7 +155,6 @@ def _stock() -> dict[str, Any]:
 def _run_requests(
     result: SetupResult, url: str, model: str, prompts: list[list[int]], max_tokens: int
 ) -> None:
-    _stream_once(url, model, [5, 6, 7, 8] * 40, 2)  # warm-up: first-request costs are not TTFT
     for prompt in prompts:
         ttft, total, tokens = _stream_once(url, model, prompt, max_tokens)
         result.ttft_s.append(ttft)
@@ -180,6 +179,7 @@ def _spec(
 def _monolithic(model: Path, work: Path, prompts: list[list[int]], max_tokens: int) -> SetupResult:
     result = SetupResult("monolithic")
     with VLLMServer(_spec(model, 0, None), work / "mono.log") as server:
+        _stream_once(server.url, str(model), [9, 10, 11] * 50, 2)  # warm-up, not measured
         _run_requests(result, server.url, str(model), prompts, max_tokens)
     return result
 
@@ -204,11 +204,10 @@ def _pd(
         proxy = _Proxy(
             prefill.address, d_target.format(decode=decode.address), work / f"{name}-proxy.log"
         )
-        _stream_once(proxy.url, str(model), [9, 10, 11] * 50, 2)
+        _stream_once(proxy.url, str(model), [9, 10, 11] * 50, 2)  # warm-up, not measured
         before = _sources(decode)
         _run_requests(result, proxy.url, str(model), prompts, max_tokens)
         after = _sources(decode)
-        # The warm-up inside _run_requests counts too; subtract its prompt (1 token computed).
         result.d_computed_tokens = after.get("local_compute", 0) - before.get("local_compute", 0)
         result.d_loaded_tokens = after.get("external_kv_transfer", 0) - before.get(
             "external_kv_transfer", 0
@@ -249,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.prompt_lengths.split(",") if x]
     rng = random.Random(2026)
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    # Fresh random prompts per setup (no cross-setup prefix reuse), same lengths and order.
+    # The same distinct random prompts for every setup: each setup has its own servers, so no
+    # prefix-cache reuse across setups, and the outputs can be compared token by token.
+    prompts = [
+        [rng.randrange(3, 512) for _ in range(n)] for _ in range(args.repeats) for n in lengths
+    ]
     work = Path(tempfile.mkdtemp(prefix="lmcache-disagg-bench-e2e-"))
     results: dict[str, SetupResult] = {}
     for setup in setups:
-        prompts = [
-            [rng.randrange(3, 512) for _ in range(n)] for n in lengths for _ in range(args.repeats)
-        ]
         print(f"[{setup}] running {len(prompts)} prompts of {lengths} tokens ...", flush=True)
         if setup == "monolithic":
             results[setup] = _monolithic(model, work, prompts, args.max_tokens)
@@ -297,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
             / statistics.median(results["monolithic"].ttft_s),
             3,
         )
-        same = results["ours"].outputs == results["monolithic"].outputs
-        summary["ours"]["identical_to_monolithic"] = same
+        for name in ("ours", "stock_nixl"):
+            if name in results:
+                same = results[name].outputs == results["monolithic"].outputs
+                summary[name]["identical_to_monolithic"] = same
     summary["ratios"] = ratios
     summary["model"] = asdict(spec)
     summary["prompt_lengths"] = lengths
