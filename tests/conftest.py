@@ -76,3 +76,15 @@ def module_vllm_server_factory(
     yield start
     for server in servers:
         server.stop()
+
+
+_REAL_VLLM_FOLDERS = ("e2e", "trust")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e and tests/trust starts real vLLM servers: mark it ``vllm`` so
+    ``make test-fast`` (``-m "not vllm"``) leaves it out."""
+    for item in items:
+        parts = Path(str(item.path)).relative_to(REPO_ROOT / "tests").parts
+        if parts and parts[0] in _REAL_VLLM_FOLDERS:
+            item.add_marker(pytest.mark.vllm)
