@@ -138,6 +138,16 @@ class LMCacheDisaggConfig(BaseModel):
     nixl_backends: tuple[str, ...] = ("UCX",)
     listen_host: str = Field(default="127.0.0.1", description="address D's KV listener binds")
     listen_port: int = Field(default=DEFAULT_KV_PORT, ge=0, le=65535)
+    data_port: int = Field(
+        default=0, ge=0, le=65535, description="D's TCP data listener port; 0 = ephemeral"
+    )
+    advertised_data_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="data port announced to senders instead of the bound one (NAT, port "
+        "forwarding, fault injection); None = the bound port",
+    )
     pool_size: Size = Field(default=parse_size("256MiB"), description="receive pool bytes")
     pool_device: Literal["cpu", "pinned", "cuda"] = "cpu"
     send_buffer_size: Size = Field(default=parse_size("64MiB"), description="P staging bytes")

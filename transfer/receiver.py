@@ -167,8 +167,9 @@ class KVReceiver:
         registry: CollectorRegistry | None = None,
         advertise_data_port: int | None = None,
     ) -> None:
-        """``advertise_data_port`` replaces the TCP data port announced to senders (for port
-        forwarding, NAT, or a test fault proxy in front of the real port)."""
+        """``advertise_data_port`` (else ``config.advertised_data_port``) replaces the TCP data
+        port announced to senders (port forwarding, NAT, or a test fault proxy in front of the
+        real port ``config.data_port``)."""
         fingerprint.validate()
         self._advertise_data_port = advertise_data_port
         self.config = config
@@ -244,7 +245,13 @@ class KVReceiver:
             raise TransferError(f"cannot bind KV listener on {host}:{self._port}: {exc}") from exc
         self._router = router
         self.endpoint = f"{host}:{port}"
-        self._listener = socket.create_server((host, 0), backlog=64)
+        try:
+            self._listener = socket.create_server((host, self.config.data_port), backlog=64)
+        except OSError as exc:
+            self.shutdown()
+            raise TransferError(
+                f"cannot bind KV data listener on {host}:{self.config.data_port}: {exc}"
+            ) from exc
         self._listener.settimeout(0.25)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -672,7 +679,11 @@ class KVReceiver:
             proof=proof,
             auth_required=secret is not None,
             session=session.sid,
-            data_port=self._advertise_data_port or self._listener.getsockname()[1],
+            data_port=(
+                self._advertise_data_port
+                or self.config.advertised_data_port
+                or self._listener.getsockname()[1]
+            ),
             page_bytes=self.page_bytes,
             n_pages=self.pool.n_pages,
             nixl_agent=nixl.name if nixl else "",
