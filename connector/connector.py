@@ -155,32 +155,55 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        """D: prompt tokens P pushed (minus the last prompt token) to load asynchronously.
+        """D: how many prompt tokens beyond ``num_computed_tokens`` P pushed, loaded async.
 
-        Called for each waiting request, possibly several times; never None (we know at once).
+        Caller: vLLM's scheduler (scheduler process, engine thread), for each waiting request,
+        possibly several times before it is scheduled; only the latest answer counts. Returns
+        ``(n, True)`` with ``n`` excluding the last prompt token (D always computes it), or
+        ``(0, False)`` for requests without pushed KV of ours. Never ``None``: the answer comes
+        from the request's own ``kv_transfer_params``, no remote lookup is needed.
         """
         return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        """P: start tracking a push. D: plan the load into the just-allocated blocks."""
+        """After vLLM allocated blocks for ``request`` (scheduler process, once or twice).
+
+        P: start tracking the push of the prompt. D: turn the plan made in
+        ``get_num_new_matched_tokens`` into a load of ``num_external_tokens`` tokens into the
+        request's blocks (a second call after the load is ignored; 0 tokens frees P's push).
+        """
         self._sched().update_state_after_alloc(request, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        """Once per step: the pushes' progress and the new loads/releases for the workers."""
+        """Once per scheduler step: everything decided since the last step, for every worker.
+
+        Includes, per push request scheduled this step, its block table and how far its prompt
+        is computed after the step's forward; new loads; pushes to cancel or hand over; D
+        transfers to free. Resets the collected state (the next step starts empty).
+        """
         return self._sched().build_connector_meta(scheduler_output)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """P: return D's kv_transfer_params and keep the blocks until the push settled."""
+        """Once per finished request, before vLLM frees its blocks (scheduler process).
+
+        P: returns ``(True, d_params)`` for a completed prefill whose push started - the blocks
+        stay allocated until the worker reports the request in ``finished_sending`` (push
+        settled, always within ``push_deadline``) - and ``(False, d_params)`` when nothing was
+        pushed (1-token prompt). An aborted prefill cancels its push: ``(False, None)``. D:
+        always ``(False, None)``; a load that never started frees P's push on D.
+        """
         return self._sched().request_finished(request)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Each step, with the workers' aggregated results: settled loads are forgotten."""
         self._sched().update_connector_output(connector_output)
 
     def has_pending_push_work(self) -> bool:
+        """True while decisions wait for the next step (keeps an idle engine stepping)."""
         return self.connector_scheduler is not None and self.connector_scheduler.has_pending_work()
 
     def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
@@ -196,11 +219,19 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
         return self.connector_worker
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Once, after vLLM allocated its KV caches: start our endpoints."""
+        """Once per worker, after vLLM allocated its KV caches (worker process).
+
+        Describes the layout (or leaves the connector inactive: everything recomputed) and
+        starts D's KV listener on ``listen_port + tp_rank`` and/or P's sender.
+        """
         self._work().register_kv_caches(kv_caches)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
-        """Before every forward: P starts reservations early, D registers its new loads."""
+        """Before every forward, on each worker's engine thread (the step's metadata).
+
+        P: new pushes start their reservation now (opener thread), so it overlaps the forward;
+        progress updates are recorded. D: new loads are registered, transfers freed.
+        """
         super().bind_connector_metadata(connector_metadata)
         if isinstance(connector_metadata, LMCacheDisaggMetadata):
             self._work().bind(connector_metadata)
@@ -228,18 +259,26 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
         self._work().after_forward()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        """Once per step: settled pushes (blocks may be freed), loaded and failed loads."""
+        """Once per step, after ``wait_for_save`` (worker engine thread; never blocks long).
+
+        ``finished_sending``: P requests whose blocks may now be freed (push settled).
+        ``finished_recving``: D loads that ended - loaded, or failed; the failed ones are also in
+        ``failed_recving`` so vLLM (policy ``recompute``) recomputes them. ``finished_req_ids``
+        (requests vLLM finished, e.g. aborted) end their pending loads.
+        """
         sending, recving, failed = self._work().transfer_results(finished_req_ids)
         return KVConnectorTransferResults(
             finished_sending=sending, finished_recving=recving, failed_recving=failed
         )
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """Once per step: what changed in our metrics (None when nothing did)."""
         if self.connector_worker is None:
             return None
         return self.connector_worker.take_stats()
 
     def shutdown(self) -> None:
+        """Worker process exit: cancel pushes, free loads, stop the endpoints' threads."""
         if self.connector_worker is not None:
             self.connector_worker.shutdown()
 

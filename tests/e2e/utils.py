@@ -331,6 +331,7 @@ def start_pair(
     *,
     p_extra: dict[str, Any] | None = None,
     d_extra: dict[str, Any] | None = None,
+    p_args: tuple[str, ...] = (),
 ) -> Pair:
     """Start D (core 1) and P (core 0) one after the other; both pinned, both verifying KV."""
     from lmcache_disagg.vllm_server import VLLMServerSpec
@@ -353,6 +354,7 @@ def start_pair(
             cpu_core=0,
             kv_transfer_config=connector_config("kv_producer", **p_config),
             env=VERIFY_ENV,
+            extra_args=p_args,
         ),
         log_dir / f"prefill-{channel}.log",
     )
