@@ -28,6 +28,7 @@ from tests.e2e.utils import (
     Result,
     Spec,
     all_specs,
+    checksums,
     compare,
     connector_config,
     metric_labels,
@@ -59,14 +60,20 @@ class Workers:
 
 def _server(model: Path, log: Path, role: str, core: int, **extra: object) -> VLLMServer:
     config = {"channel": "tcp", **FAST_TIMEOUTS, **extra}
+    # Each fault test reuses the same prompts: without prefix caching every one of them really
+    # goes through the KV path again (a local hit would skip the load). P prefills in 384-token
+    # steps (chunked prefill), so long prompts are pushed chunk by chunk while still computing.
+    # (Only greedy requests here: vLLM 0.32 on the CPU crashes on seeded sampling with chunked
+    # prefill, "CPU Generator does not use offset".)
+    args: tuple[str, ...] = ("--no-enable-prefix-caching",)
+    if role == "kv_producer":
+        args += ("--max-num-batched-tokens", "384")
     spec = VLLMServerSpec(
         model_dir=str(model),
         cpu_core=core,
         kv_transfer_config=connector_config(role, **config),
         env=VERIFY_ENV,
-        # Each fault test reuses the same prompts: without prefix caching every one of them
-        # really goes through the KV path again (a local hit would skip the load).
-        extra_args=("--no-enable-prefix-caching",),
+        extra_args=args,
     )
     return VLLMServer(spec, log)
 
@@ -206,8 +213,15 @@ def test_client_disconnects_mid_stream(
                     break  # drop the connection mid-stream
         # The workers recover: everything drains and the next requests are still identical.
         assert wait_for(lambda: _drained(workers, workers.p_ok, workers.d_ok), 30, 1.0)
+        loads_before = metric_sum(scrape(workers.d_ok), "lmcache_disagg_loads_total")
         _run_through(proxy, workers.model, baseline_results)
     assert wait_for(lambda: _drained(workers, workers.p_ok, workers.d_ok), 30, 1.0)
+    # These went through the healthy path: loaded (P pushed them during chunked prefill), and
+    # what D loaded is bitwise what P gathered.
+    loads = metric_sum(scrape(workers.d_ok), "lmcache_disagg_loads_total") - loads_before
+    assert loads == len(FAULT_SPECS)
+    pushed, loaded = checksums(workers.p_ok.log_path, "P"), checksums(workers.d_ok.log_path, "D")
+    assert loaded and all(pushed.get(key) == digest for key, digest in loaded.items())
 
 
 def test_p_refuses_a_push_target_outside_its_allowlist(workers: Workers) -> None:
