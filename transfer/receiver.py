@@ -787,7 +787,10 @@ class KVReceiver:
             # A complete transfer belongs to D's connector now (it may be copying out of the
             # pages): only its release or the TTL frees it.
             if t is not None and t.session is session and t.state is not RecvState.COMPLETE:
-                self._end_locked(t, "cancelled", "cancelled")
+                # P cancels a transfer it learnt had FAILED (checksum, truncated): keep that
+                # cause for D's connector, which counts its fallback by it.
+                failed = t.state is RecvState.FAILED and t.reason
+                self._end_locked(t, t.reason if failed else "cancelled", "cancelled")
         return CancelReply(request.rid)
 
     # -- NIXL notifications -----------------------------------------------------------------------

@@ -63,6 +63,8 @@ class SoakReport:
     d_loads: float = 0.0
     leaked: dict[str, float] = field(default_factory=dict)
     rss_mib: dict[str, tuple[float, float]] = field(default_factory=dict)
+    rss_samples: dict[str, list[float]] = field(default_factory=dict)
+    """RSS (MiB) at warm-up and then every ``rss_every`` requests, per process."""
     examples: list[str] = field(default_factory=list)
 
     def rss_growth(self) -> dict[str, float]:
@@ -79,9 +81,10 @@ class SoakReport:
             f"  pool gauges after: {self.leaked}",
         ]
         for name, (before, after) in self.rss_mib.items():
+            samples = " ".join(f"{value:.0f}" for value in self.rss_samples.get(name, []))
             lines.append(
                 f"  RSS {name}: {before:.1f} MiB after warm-up -> {after:.1f} MiB "
-                f"({after - before:+.1f})"
+                f"({after - before:+.1f}); samples: {samples}"
             )
         return "\n".join(lines)
 
@@ -94,6 +97,7 @@ def run_soak(
     clients: int = 4,
     fault_every: int = 50,
     warmup: int = 200,
+    rss_every: int = 200,
 ) -> SoakReport:
     """Drive ``requests`` completions through ``proxy`` and return the figures (asserts nothing)."""
     report = SoakReport(requests, clients, fault_every)
@@ -114,8 +118,13 @@ def run_soak(
     def worker() -> None:
         with httpx.Client(timeout=120) as client:
             while (n := next(counter)) < requests:
-                if n == warmup:
-                    rss_before.update({name: rss_mib(pid) for name, pid in pids.items() if pid})
+                if n >= warmup and (n - warmup) % rss_every == 0:
+                    sample = {name: rss_mib(pid) for name, pid in pids.items() if pid}
+                    with lock:
+                        if n == warmup:
+                            rss_before.update(sample)
+                        for name, value in sample.items():
+                            report.rss_samples.setdefault(name, []).append(round(value, 1))
                 if n and n % fault_every == 0:
                     fault = next(fault_cycle)
                     cluster.relay.arm(fault, delay=SOAK_DELAY if fault == "delay" else 0.0)
@@ -145,6 +154,8 @@ def run_soak(
     cluster.relay.disarm()
     report.leaked = wait_drained(cluster, timeout=30)
     rss_after = {name: rss_mib(pid) for name, pid in pids.items() if pid}
+    for name, value in rss_after.items():
+        report.rss_samples.setdefault(name, []).append(round(value, 1))
     report.rss_mib = {
         name: (round(rss_before.get(name, after), 1), round(after, 1))
         for name, after in rss_after.items()

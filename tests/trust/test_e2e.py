@@ -42,6 +42,7 @@ from tests.trust.utils import (
     delta,
     fallbacks,
     loads,
+    pool_gauges,
     prompts,
     proxy_dropped_fields,
     push_failures,
@@ -93,6 +94,10 @@ def listener() -> Iterator[tuple[socket.socket, str]]:
 def connection_attempted(sock: socket.socket) -> bool:
     """True when anyone connected to the listener (a pending accept)."""
     return bool(select.select([sock], [], [], 0.5)[0])
+
+
+def _nonzero(gauges: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in gauges.items() if v} or {"all": 0.0}
 
 
 def _drained(cluster: Cluster) -> None:
@@ -206,8 +211,10 @@ def test_transport_fault(
     got_fallbacks = delta(fallbacks(cluster.decode), fb0)
     got_failures = delta(push_failures(cluster.prefill), pf0)
     got_loads = loads(cluster.decode) - loads0
-    print(f"fault {fault}: D fallbacks {got_fallbacks}, P push failures {got_failures}, "
-          f"D loads {got_loads:.0f}")  # fmt: skip
+    print(
+        f"fault {fault}: D fallbacks {got_fallbacks}, P push failures {got_failures}, "
+        f"D loads {got_loads:.0f}"
+    )
     assert sum(got_fallbacks.values()) == expected_fallbacks, got_fallbacks
     assert got_loads == 2 - expected_fallbacks
     if expected_fallbacks:
@@ -244,12 +251,16 @@ def test_proxy_sigkill_mid_transfer(cluster: Cluster) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert frames_at_kill >= 3, "no transfer was in flight"
+    # What the crash left behind (one poke so the gauges are fresh): D holds the pages of the
+    # pushes that completed for requests whose decode will never come; only the TTL frees them.
+    held = pool_gauges(cluster)
     gauges = wait_drained(cluster, timeout=RESERVATION_TTL + 25)
     drained_after = time.monotonic() - killed_at
     print(
         f"SIGKILL: {frames_at_kill} chunk frames through the relay at the kill, "
-        f"{outcomes.count('answered')}/{KILL_REQUESTS} answered before it, "
-        f"pools drained {drained_after:.1f}s after the kill (TTL {RESERVATION_TTL}s): {gauges}"
+        f"{outcomes.count('answered')}/{KILL_REQUESTS} answered before it; just after the "
+        f"kill: {_nonzero(held)}; pools drained {drained_after:.1f}s after the kill "
+        f"(TTL {RESERVATION_TTL}s): {gauges}"
     )
     assert not any(gauges.values()), gauges
     assert outcomes.count("cut") >= 1

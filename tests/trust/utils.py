@@ -82,7 +82,8 @@ class Cluster:
             "--no-access-log",
         )
         self.proxies.append(proxy)
-        return proxy.wait_ready()
+        proxy.wait_ready()
+        return proxy
 
     def stop(self) -> None:
         for proxy in self.proxies:
