@@ -58,6 +58,12 @@ KILL_LENGTH = 1500
 KILL_REQUESTS = 16
 KILL_MAX_TOKENS = 32
 MAX_TOKENS = 8
+PROXY_RSS_BOUND_MIB = 50.0
+# A vLLM CPU worker's RSS creeps under this load even WITHOUT our connector: a plain server given
+# the same 2,000 prompts (python -m tests.trust.rss_plain) grew 137 MiB after a 200-request
+# warm-up on this box, our P ~36-56 MiB and our D ~16-19 MiB. The bound catches a per-request
+# leak of our own (2,000 requests x 64 KiB = 125 MiB) without failing on the allocator's creep.
+WORKER_RSS_BOUND_MIB = 128.0
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +293,8 @@ def test_soak_with_faults(cluster: Cluster) -> None:
     assert sum(report.faults_applied.values()) >= 2000 // 50 - 2
     assert not any(report.leaked.values()), report.leaked
     growth = report.rss_growth()
-    assert all(value < 50.0 for value in growth.values()), growth
+    assert growth["proxy"] < PROXY_RSS_BOUND_MIB, growth
+    assert growth["P"] < WORKER_RSS_BOUND_MIB and growth["D"] < WORKER_RSS_BOUND_MIB, growth
     # Most requests really went through the KV path (loads), not only recomputes.
     assert report.d_loads >= 2000 * 0.9
 
