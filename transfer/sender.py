@@ -10,6 +10,7 @@ deadline even when nobody polls them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import ipaddress
@@ -97,6 +98,8 @@ _ERRORS: dict[str, type[TransferError]] = {
 }
 _STOP = object()
 _IDLE_PUMP = 0.05
+# While WRITEs are in flight, how long the data thread waits for more work before it polls them.
+_NIXL_POLL = 0.0002
 _MAX_BATCH = 64
 _MAX_BATCH_BYTES = 64 << 20
 _STREAM_SLICE = 1 << 20
@@ -327,42 +330,60 @@ class _Peer:
         assert agent is not None
         page_bytes = sender.send_pool.page_bytes
         remote_page_bytes = sender.fingerprint.page_bytes
-        inflight: list[tuple[Any, SendPage, PushHandle, int]] = []
+        # Oldest first. WRITEs to one peer complete in posting order in practice, so reaping
+        # stops at the first one still running: O(1) per posted chunk instead of a scan of the
+        # whole window (up to the send pool's page count) after every post.
+        inflight: collections.deque[tuple[Any, SendPage, PushHandle, int]] = collections.deque()
         finishing: list[PushHandle] = []
         metrics = sender.metrics
 
         def reap() -> None:
-            still = []
+            done_pages: list[SendPage] = []
+            done_bytes = done_chunks = 0
             broken = False
-            for xfer, page, handle, nbytes in inflight:
-                state = agent.check(xfer)
-                if state == "PROC":
-                    still.append((xfer, page, handle, nbytes))
-                    continue
-                agent.release_xfer(xfer)
-                sender._release_page(page)
-                if state == "DONE":
-                    metrics.chunks_total.inc()
-                    metrics.bytes_total.inc(nbytes)
-                else:
-                    handle._fail("nixl_error")
-                    broken = True
-            inflight[:] = still
+            try:
+                while inflight:
+                    xfer, page, handle, nbytes = inflight[0]
+                    state = agent.check(xfer)
+                    if state == "PROC":
+                        break
+                    inflight.popleft()
+                    agent.release_xfer(xfer)
+                    done_pages.append(page)
+                    if state == "DONE":
+                        done_chunks += 1
+                        done_bytes += nbytes
+                    else:
+                        handle._fail("nixl_error")
+                        broken = True
+            finally:
+                if done_pages:
+                    # Only now, with the WRITE finished, may the producer reuse the page.
+                    sender._release_pages(done_pages)
+                    if done_chunks:
+                        metrics.chunks_total.inc(done_chunks)
+                        metrics.bytes_total.inc(done_bytes)
             if broken:
                 raise PeerClosed(f"NIXL transfer to {self.target} failed")
-            busy = {id(h) for _, _, h, _ in inflight}
-            for handle in list(finishing):
-                if id(handle) not in busy:
-                    finishing.remove(handle)
-                    self._send_finish(handle)
+            if finishing:
+                busy = {id(h) for _, _, h, _ in inflight}
+                for handle in list(finishing):
+                    if id(handle) not in busy:
+                        finishing.remove(handle)
+                        self._send_finish(handle)
 
         try:
             while True:
-                item = self._next(stop, 0.0005 if inflight else _IDLE_PUMP)
-                if inflight or finishing:
-                    reap()
-                if item is None:
-                    continue
+                if self.broken:
+                    return
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    if inflight or finishing:
+                        reap()
+                    item = self._next(stop, _NIXL_POLL if inflight else _IDLE_PUMP)
+                    if item is None:
+                        continue
                 if item is _STOP:
                     return
                 if item[0] == "finish":
@@ -391,6 +412,9 @@ class _Peer:
                     sender._release_page(page)
                     raise PeerClosed(f"NIXL WRITE to {self.target} failed: {exc}") from exc
                 inflight.append((xfer, page, handle, nbytes))
+                # Over shared memory UCX usually finishes the copy inside transfer(): hand the
+                # page back to the producer now rather than after the next queue wait.
+                reap()
         finally:
             for xfer, page, handle, _nbytes in inflight:
                 agent.release_xfer(xfer)
@@ -748,12 +772,16 @@ class KVSender:
 
     def _open(self, target: str, transfer_id: str, n_chunks: int) -> PushHandle:
         started = time.monotonic()
-        deadline = started + self.config.reserve_timeout
+        deadline = math.inf
         backoff = 0.002
         retried_session = False
         ttl = self.config.reservation_ttl
         while True:
             peer = self._peer(target)
+            if deadline == math.inf:
+                # A first push to a target includes the handshake, which has its own deadlines
+                # (connect_timeout + handshake_timeout); reserve_timeout covers the reservation.
+                deadline = time.monotonic() + self.config.reserve_timeout
             remaining = deadline - time.monotonic()
             make_reserve = functools.partial(
                 _make_reserve, session=peer.session, transfer_id=transfer_id, n=n_chunks, ttl=ttl
