@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from typing import Final
 
 import xxhash
 
@@ -135,11 +136,18 @@ def send_all(
                 sent = 0
 
 
+# The header split at the checksum: the first FRAME_CHECKSUM_SPAN bytes (what the checksum
+# covers) and the rest (checksum, key). Packing the prefix once and hashing it together with the
+# key in one call halves the per-chunk cost of pack_header on the small-chunk hot path.
+_PREFIX: Final = struct.Struct("<4sBBHQIIQIHH")
+_SUFFIX: Final = struct.Struct(f"<Q{MAX_KEY_BYTES}s")
+assert FRAME_HEADER.format == _PREFIX.format + _SUFFIX.format[1:]
+assert _PREFIX.size == FRAME_CHECKSUM_SPAN
+
+
 def header_checksum(header: memoryview | bytearray, key: bytes) -> int:
     """xxh3-64 over the header's first 40 bytes and the key."""
-    hasher = xxhash.xxh3_64(memoryview(header)[:FRAME_CHECKSUM_SPAN])
-    hasher.update(key)
-    return hasher.intdigest()
+    return xxhash.xxh3_64_intdigest(bytes(memoryview(header)[:FRAME_CHECKSUM_SPAN]) + key)
 
 
 def pack_header(
@@ -155,10 +163,11 @@ def pack_header(
     """Pack a frame header (header checksum included) into ``buf`` (len FRAME_HEADER_SIZE)."""
     if len(key) > MAX_KEY_BYTES:
         raise ValueError(f"chunk key longer than {MAX_KEY_BYTES} bytes")
-    args = (FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, handle, slot, index, nbytes, num_tokens)
-    FRAME_HEADER.pack_into(buf, 0, *args, len(key), 0, 0, key)
-    checksum = header_checksum(buf, key)
-    FRAME_HEADER.pack_into(buf, 0, *args, len(key), 0, checksum, key)
+    prefix = _PREFIX.pack(
+        FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, handle, slot, index, nbytes, num_tokens, len(key), 0
+    )
+    buf[:FRAME_CHECKSUM_SPAN] = prefix
+    _SUFFIX.pack_into(buf, FRAME_CHECKSUM_SPAN, xxhash.xxh3_64_intdigest(prefix + key), key)
 
 
 def recv_exact_vec(
