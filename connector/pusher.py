@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -433,10 +432,3 @@ class Pusher:
         if push.failed is None:
             push.failed = reason
             self._stats.count("push_failures", reason=reason)
-
-    def release_all(self, req_ids: Iterable[str]) -> None:
-        """Forget ``req_ids`` (tests); cancels their pushes."""
-        for req_id in req_ids:
-            push = self._pushes.pop(req_id, None)
-            if push is not None:
-                self._cancel(push, "released")

@@ -56,7 +56,7 @@ def pd_run(
     log_dir = tmp_path_factory.mktemp(f"pd-{channel}")
     # P prefills in steps of 384 tokens (chunked prefill), so long prompts are pushed chunk by
     # chunk while the rest is still being computed.
-    pair = start_pair(tiny_model_dir, log_dir, channel, p_args=("--max-num-batched-tokens", "384"))
+    pair = start_pair(tiny_model_dir, log_dir, channel)
     proxy = Proxy(
         pair.prefill.address, f"{pair.decode.address},kv={pair.kv}", log_dir / "proxy.log"
     )
