@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from lmcache_disagg.proxy.cluster import Proc, start_proxy, wait_http
 from lmcache_disagg.tiny_model import TinyModelSpec, build_tiny_model
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
 
@@ -130,47 +129,6 @@ def _streamed_chat(base_url: str, model: str) -> Answer:
     )
 
 
-class _Proxy:
-    """The proxy as a child process (it must not share a process with torch/vLLM)."""
-
-    def __init__(self, prefill: str, decode: str, decode_kv: str, port: int, log: Path) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self._log = log.open("wb")
-        self._process = subprocess.Popen(
-            [
-                sys.executable, "-m", "lmcache_disagg.proxy.cli",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--prefill", prefill,
-                "--decode", f"{decode},kv={decode_kv}",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def wait_ready(self, deadline_s: float = 60.0) -> None:
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"proxy exited with code {self._process.returncode}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"proxy not ready after {deadline_s:.0f}s")
-
-    def stop(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=10)
-        self._log.close()
-
-
 def _print_answers(answers: list[Answer], loaded: float, computed: float) -> None:
     for answer in answers:
         print(f"\n[{answer.kind}] {answer.text!r}")
@@ -216,19 +174,22 @@ def run_pd(model_dir: Path, work: Path) -> int:
         ),
         work / "prefill.log",
     )
-    proxy: _Proxy | None = None
+    proxy: Proc | None = None
     try:
         print("starting P and D (real vLLM on the CPU, ~30-60 s) ...", flush=True)
         with ThreadPoolExecutor(2) as pool:
             for future in [pool.submit(decode.start), pool.submit(prefill.start)]:
                 future.result()
-        proxy = _Proxy(
-            prefill.address, decode.address, f"127.0.0.1:{kv_port}", free_port(), work / "proxy.log"
+        # The proxy runs in its own process: it must not share one with torch/vLLM.
+        proxy_port = free_port()
+        proxy_url = f"http://127.0.0.1:{proxy_port}"
+        proxy = start_proxy(
+            proxy_port, [prefill.address], [f"{decode.address},kv=127.0.0.1:{kv_port}"], work
         )
-        proxy.wait_ready()
-        print(f"P {prefill.url}  D {decode.url} (KV 127.0.0.1:{kv_port})  proxy {proxy.url}")
+        wait_http(proxy_url + "/ready", timeout=60, proc=proxy)
+        print(f"P {prefill.url}  D {decode.url} (KV 127.0.0.1:{kv_port})  proxy {proxy_url}")
         before = prompt_tokens_by_source(decode)
-        answers = [_completion(proxy.url, model), _streamed_chat(proxy.url, model)]
+        answers = [_completion(proxy_url, model), _streamed_chat(proxy_url, model)]
         after = prompt_tokens_by_source(decode)
         loaded = after.get("external_kv_transfer", 0.0) - before.get("external_kv_transfer", 0.0)
         computed = after.get("local_compute", 0.0) - before.get("local_compute", 0.0)
