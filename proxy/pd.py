@@ -42,7 +42,9 @@ from lmcache_disagg.proxy.workers import Worker
 
 __all__ = ["PDFlow", "RequestContext", "error_body"]
 
-_PREFILL_DROP = ("stream_options", "min_tokens")
+# P samples one token that is thrown away, so nothing about sampling matters on P. ``seed`` is
+# dropped too: vLLM 0.32's CPU engine crashes on seeded sampling with chunked prefill.
+_PREFILL_DROP = ("stream_options", "min_tokens", "seed")
 
 
 def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:

@@ -24,7 +24,7 @@ def test_prefill_request_shape_and_decode_gets_p_params_verbatim(cluster: Cluste
     proxy = cluster.proxy()
     body = chat(
         max_tokens=7, max_completion_tokens=7, stream=True, min_tokens=2, n=2, stop=["x"],
-        logprobs=True, stream_options={"include_usage": True},
+        logprobs=True, stream_options={"include_usage": True}, seed=7,
     )  # fmt: skip
     resp = proxy.post("/v1/chat/completions", body, headers={"X-Request-Id": "rid-proto-1"})
     assert resp.status_code == 200
@@ -33,7 +33,7 @@ def test_prefill_request_shape_and_decode_gets_p_params_verbatim(cluster: Cluste
     sent = p_req["body"]
     assert sent["max_tokens"] == 1 and sent["max_completion_tokens"] == 1
     assert sent["stream"] is False and sent["n"] == 1
-    assert "stream_options" not in sent and "min_tokens" not in sent
+    assert "stream_options" not in sent and "min_tokens" not in sent and "seed" not in sent
     params = sent[kv_params.KV_TRANSFER_PARAMS]
     for key, value in STOCK_NIXL_FIELDS.items():
         assert params[key] == value
@@ -44,7 +44,7 @@ def test_prefill_request_shape_and_decode_gets_p_params_verbatim(cluster: Cluste
     d_body = d_req["body"]
     # D gets the original request (n, stop, logprobs, stream_options, min_tokens untouched) ...
     for key in ("max_tokens", "max_completion_tokens", "n", "stop", "logprobs", "stream_options",
-                "min_tokens", "stream", "messages"):  # fmt: skip
+                "min_tokens", "stream", "messages", "seed"):  # fmt: skip
         assert d_body[key] == body[key], key
     # ... plus exactly what P returned.
     p_returned = d_body[kv_params.KV_TRANSFER_PARAMS]
