@@ -46,8 +46,10 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]" || echo "vllm-router unavailable: the proxy bench runs without it"
 	@mkdir -p bench-results
 	$(BIN)/lmcache-disagg bench kernels --json | tee bench-results/kernels.txt
-	$(BIN)/lmcache-disagg bench transfer --channel tcp --json | tee bench-results/transfer-tcp.txt
-	$(BIN)/lmcache-disagg bench transfer --channel nixl --json | tee bench-results/transfer-nixl.txt
+	$(BIN)/lmcache-disagg bench transfer --channel tcp --chunk-bytes 32MiB --json | tee bench-results/transfer-tcp-32MiB.txt
+	$(BIN)/lmcache-disagg bench transfer --channel tcp --chunk-bytes 128KiB --json | tee bench-results/transfer-tcp-128KiB.txt
+	$(BIN)/lmcache-disagg bench transfer --channel nixl --chunk-bytes 32MiB --json | tee bench-results/transfer-nixl-32MiB.txt
+	$(BIN)/lmcache-disagg bench transfer --channel nixl --chunk-bytes 128KiB --json | tee bench-results/transfer-nixl-128KiB.txt
 	$(BIN)/lmcache-disagg bench proxy --json | tee bench-results/proxy.txt
 	$(BIN)/lmcache-disagg bench e2e --json | tee bench-results/e2e.txt
 
