@@ -37,6 +37,7 @@ from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.routing import Router
 from lmcache_disagg.proxy.settings import ProxySettings
 from lmcache_disagg.proxy.upstream import UpstreamClient, UpstreamStream
+from lmcache_disagg.proxy.validation import is_batch_prompt
 from lmcache_disagg.proxy.usage import SSEUsagePatcher, patch_json_body
 from lmcache_disagg.proxy.workers import Worker
 
@@ -144,6 +145,9 @@ class PDFlow:
         if threshold and ctx.est_tokens < threshold:
             ctx.fallback = "short_prompt"
             self._m.fallbacks.labels("short_prompt").inc()
+        elif is_batch_prompt(ctx.body):
+            ctx.fallback = "batch_prompt"
+            self._m.fallbacks.labels("batch_prompt").inc()
         else:
             params = await self._prefill(ctx, decode)
         await self._decode(ctx, decode, params, resp)

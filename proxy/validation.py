@@ -90,6 +90,14 @@ def strip_internal(body: dict[str, Any]) -> list[str]:
     return found
 
 
+def is_batch_prompt(body: dict[str, Any]) -> bool:
+    """True for a completions request carrying several prompts (a list of strings or of token-id
+    lists). vLLM splits it into one engine request per prompt, all sharing one
+    ``kv_transfer_params``, so it cannot be disaggregated as one PD pair."""
+    prompt = body.get("prompt")
+    return isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
+
+
 def _text_of(body: dict[str, Any]) -> str | list[int] | None:
     if "messages" in body:
         parts = []

@@ -109,3 +109,21 @@ def test_conditional_disaggregation_short_prompts_skip_p(cluster: Cluster) -> No
     assert proxy.post("/v1/completions", completion(list(range(40)))).status_code == 200
     assert len(cluster["p0"].requests()) == 2
     assert proxy.metric("lmcache_proxy_fallbacks_total", reason="short_prompt") == 1
+
+
+def test_batch_prompts_run_on_d_alone(cluster: Cluster) -> None:
+    """vLLM turns a list of prompts into one engine request each, all sharing one
+    kv_transfer_params; the proxy must not disaggregate them as if they were one prompt."""
+    proxy = cluster.proxy()
+    before = len(cluster["p0"].requests()) + len(cluster["p1"].requests())
+    batch = proxy.post("/v1/completions", completion(["first prompt " * 30, "second " * 40]))
+    assert batch.status_code == 200, batch.text
+    assert len(cluster["p0"].requests()) + len(cluster["p1"].requests()) == before
+    d_body = (cluster["d0"].requests() + cluster["d1"].requests())[-1]["body"]
+    assert kv_params.KV_TRANSFER_PARAMS not in d_body
+    assert d_body["prompt"] == ["first prompt " * 30, "second " * 40]
+    assert proxy.metric("lmcache_proxy_fallbacks_total", reason="batch_prompt") == 1
+    # A single prompt in a list, as text or token ids, is still one PD pair.
+    for prompt in (["one prompt " * 30], [list(range(60))]):
+        assert proxy.post("/v1/completions", completion(prompt)).status_code == 200
+    assert len(cluster["p0"].requests()) + len(cluster["p1"].requests()) == before + 2
