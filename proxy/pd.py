@@ -37,8 +37,8 @@ from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.routing import Router
 from lmcache_disagg.proxy.settings import ProxySettings
 from lmcache_disagg.proxy.upstream import UpstreamClient, UpstreamStream
-from lmcache_disagg.proxy.validation import is_batch_prompt
 from lmcache_disagg.proxy.usage import SSEUsagePatcher, patch_json_body
+from lmcache_disagg.proxy.validation import is_batch_prompt
 from lmcache_disagg.proxy.workers import Worker
 
 __all__ = ["PDFlow", "RequestContext", "error_body"]
