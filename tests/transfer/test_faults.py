@@ -14,7 +14,7 @@ import pytest
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
-from tests.transfer.faultproxy import FaultProxy
+from tests.transfer.faultproxy import ArmedFaultProxy
 from tests.transfer.utils import FP, chunk_data, make_config, wait_until
 
 N_CHUNKS = 3
@@ -22,11 +22,13 @@ DEADLINE = 2.0
 
 
 @pytest.fixture
-def pair(request: pytest.FixtureRequest) -> Iterator[tuple[KVReceiver, KVSender, FaultProxy]]:
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[KVReceiver, KVSender, ArmedFaultProxy]]:
     fault, delay = request.param
     rx = KVReceiver(make_config("tcp", reservation_ttl=3.0), FP)
     rx.start()
-    proxy = FaultProxy(rx.data_port, fault, nth=2, delay=delay)
+    proxy = ArmedFaultProxy(rx.data_port)
+    if fault != "none":
+        proxy.arm(fault, skip=1, delay=delay)  # the second chunk frame
     rx._advertise_data_port = proxy.port
     tx = KVSender(make_config("tcp", push_deadline=DEADLINE), FP)
     tx.start()
@@ -57,11 +59,11 @@ def assert_drains(rx: KVReceiver, tx: KVSender, tid: str) -> None:
 
 @pytest.mark.parametrize("pair", [("flip", 0.0)], indirect=True)
 def test_bit_flip_fails_the_transfer_never_loads(
-    pair: tuple[KVReceiver, KVSender, FaultProxy],
+    pair: tuple[KVReceiver, KVSender, ArmedFaultProxy],
 ) -> None:
     rx, tx, proxy = pair
     state, reason, _elapsed = push(tx, rx, "flip")
-    assert proxy.applied == 1
+    assert sum(proxy.applied.values()) == 1
     assert (state, reason) == (PushState.FAILED, "checksum")
     assert rx.poll("flip").state is RecvState.FAILED
     assert rx.metrics.failures("checksum") == 1
@@ -72,10 +74,10 @@ def test_bit_flip_fails_the_transfer_never_loads(
 
 
 @pytest.mark.parametrize("pair", [("duplicate", 0.0)], indirect=True)
-def test_duplicate_frame_is_ignored(pair: tuple[KVReceiver, KVSender, FaultProxy]) -> None:
+def test_duplicate_frame_is_ignored(pair: tuple[KVReceiver, KVSender, ArmedFaultProxy]) -> None:
     rx, tx, proxy = pair
     state, _reason, _ = push(tx, rx, "dup")
-    assert proxy.applied == 1 and state is PushState.DONE
+    assert sum(proxy.applied.values()) == 1 and state is PushState.DONE
     assert rx.poll("dup").state is RecvState.COMPLETE
     for chunk in rx.chunks("dup"):
         assert bool((chunk.data == chunk_data(11, chunk.index, FP.page_bytes)).all())
@@ -84,10 +86,10 @@ def test_duplicate_frame_is_ignored(pair: tuple[KVReceiver, KVSender, FaultProxy
 
 
 @pytest.mark.parametrize("pair", [("drop", 0.0)], indirect=True)
-def test_connection_dropped_mid_chunk(pair: tuple[KVReceiver, KVSender, FaultProxy]) -> None:
+def test_connection_dropped_mid_chunk(pair: tuple[KVReceiver, KVSender, ArmedFaultProxy]) -> None:
     rx, tx, proxy = pair
     state, reason, elapsed = push(tx, rx, "drop")
-    assert proxy.applied == 1
+    assert sum(proxy.applied.values()) == 1
     assert state is PushState.FAILED and reason, reason
     assert elapsed < DEADLINE * 10
     assert wait_until(lambda: rx.poll("drop").state is RecvState.FAILED, 10)
@@ -99,7 +101,7 @@ def test_connection_dropped_mid_chunk(pair: tuple[KVReceiver, KVSender, FaultPro
 
 
 @pytest.mark.parametrize("pair", [("delay", DEADLINE * 2)], indirect=True)
-def test_delay_beyond_the_deadline(pair: tuple[KVReceiver, KVSender, FaultProxy]) -> None:
+def test_delay_beyond_the_deadline(pair: tuple[KVReceiver, KVSender, ArmedFaultProxy]) -> None:
     rx, tx, _proxy = pair
     state, reason, elapsed = push(tx, rx, "slow")
     assert (state, reason) == (PushState.FAILED, "deadline")

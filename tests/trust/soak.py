@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from tests.trust.faults import FAULTS
+from tests.transfer.faultproxy import FAULTS
 from tests.trust.utils import (
     Cluster,
     KillableProxy,

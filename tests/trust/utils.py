@@ -34,7 +34,7 @@ from tests.e2e.utils import (
     scrape,
     token_prompt,
 )
-from tests.trust.faults import ArmedFaultProxy
+from tests.transfer.faultproxy import ArmedFaultProxy
 
 # Short deadlines so a fault costs seconds; the TTL is the one the SIGKILL test waits out.
 TIMEOUTS = {
