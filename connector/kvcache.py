@@ -11,12 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-from lmcache_disagg.config import split_host_port
+from lmcache_disagg.config import LMCacheDisaggConfig, split_host_port
 from lmcache_disagg.connector.errors import UnsupportedLayout
 from lmcache_disagg.kernels import KVLayout, LayoutError
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
-__all__ = ["WorkerKV", "describe_kv_caches", "listen_port_for_rank", "target_for_rank"]
+__all__ = [
+    "WorkerKV",
+    "describe_kv_caches",
+    "listen_port_for_rank",
+    "receiver_config_for_rank",
+    "target_for_rank",
+]
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -123,4 +129,26 @@ def target_for_rank(target: str, tp_rank: int) -> str:
 
 def listen_port_for_rank(base_port: int, tp_rank: int) -> int:
     """D rank i listens on ``listen_port + i``; port 0 (pick any) stays 0."""
-    return 0 if base_port == 0 else base_port + tp_rank
+    if base_port == 0:
+        return 0
+    if base_port + tp_rank > 65535:
+        raise ValueError(f"port {base_port} + rank {tp_rank} is not a valid port")
+    return base_port + tp_rank
+
+
+def receiver_config_for_rank(config: LMCacheDisaggConfig, tp_rank: int) -> LMCacheDisaggConfig:
+    """D rank i's receiver config: every fixed port of D (control, data, advertised data) + i.
+
+    All ranks of a TP group share one host and one config, so fixed ports (set for firewalls or
+    port forwarding) would otherwise collide; ephemeral ports (0 / None) stay as they are.
+    """
+    advertised = config.advertised_data_port
+    return config.model_copy(
+        update={
+            "listen_port": listen_port_for_rank(config.listen_port, tp_rank),
+            "data_port": listen_port_for_rank(config.data_port, tp_rank),
+            "advertised_data_port": (
+                None if advertised is None else listen_port_for_rank(advertised, tp_rank)
+            ),
+        }
+    )

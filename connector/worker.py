@@ -20,7 +20,11 @@ import torch
 from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.connector.device import make_copy_engine
 from lmcache_disagg.connector.errors import UnsupportedLayout
-from lmcache_disagg.connector.kvcache import WorkerKV, describe_kv_caches, listen_port_for_rank
+from lmcache_disagg.connector.kvcache import (
+    WorkerKV,
+    describe_kv_caches,
+    receiver_config_for_rank,
+)
 from lmcache_disagg.connector.loader import Loader
 from lmcache_disagg.connector.logonce import LogOnce
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
@@ -110,8 +114,8 @@ class ConnectorWorker:
         copy_engine = make_copy_engine(kv.device)
         try:
             if self.is_consumer:
-                port = listen_port_for_rank(self.config.listen_port, self.tp_rank)
-                receiver = KVReceiver(self.config, kv.fingerprint, listen_port=port)
+                rank_config = receiver_config_for_rank(self.config, self.tp_rank)
+                receiver = KVReceiver(rank_config, kv.fingerprint)
                 receiver.start()
                 self.receiver = receiver
                 self.loader = Loader(

@@ -14,6 +14,7 @@ from lmcache_disagg.connector.errors import UnsupportedLayout
 from lmcache_disagg.connector.kvcache import (
     describe_kv_caches,
     listen_port_for_rank,
+    receiver_config_for_rank,
     target_for_rank,
 )
 from lmcache_disagg.connector.loader import Loader
@@ -41,6 +42,38 @@ def test_rank_mapping() -> None:
     assert listen_port_for_rank(0, 2) == 0
     with pytest.raises(ValueError):
         target_for_rank("h:65535", 1)
+    with pytest.raises(ValueError):
+        listen_port_for_rank(65535, 1)
+
+
+def test_every_fixed_d_port_is_offset_by_the_rank() -> None:
+    fixed = config(listen_port=17555, data_port=18000, advertised_data_port=19000)
+    rank2 = receiver_config_for_rank(fixed, 2)
+    assert (rank2.listen_port, rank2.data_port, rank2.advertised_data_port) == (17557, 18002, 19002)
+    assert receiver_config_for_rank(fixed, 0) == fixed
+    ephemeral = receiver_config_for_rank(config(listen_port=0), 3)
+    assert (ephemeral.listen_port, ephemeral.data_port, ephemeral.advertised_data_port) == (
+        0,
+        0,
+        None,
+    )
+    assert ephemeral.pool_size == fixed.pool_size  # nothing else changes
+
+
+def test_two_ranks_with_fixed_ports_bind_side_by_side() -> None:
+    """Both ranks of one host start from the same config with fixed control and data ports."""
+    base, data = _two_free_ports(), _two_free_ports()
+    shared = config(listen_port=base, data_port=data, channel="tcp")
+    kv = [make_kv(tp_rank=r) for r in (0, 1)]
+    receivers = [KVReceiver(receiver_config_for_rank(shared, r), kv[r].fingerprint) for r in (0, 1)]
+    try:
+        for rx in receivers:
+            rx.start()
+        assert [rx.endpoint for rx in receivers] == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
+        assert [rx.data_port for rx in receivers] == [data, data + 1]
+    finally:
+        for rx in receivers:
+            rx.shutdown()
 
 
 def test_keys_carry_the_rank() -> None:
