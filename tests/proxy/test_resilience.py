@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -227,3 +229,47 @@ def test_breaker_opens_and_skips_faulty_prefill_worker(cluster: Cluster) -> None
     assert cluster["p0"].log()["counts"]["requests"] == 2
     assert proxy.metric("lmcache_proxy_breaker_state", role="prefill",
                         worker=cluster["p0"].addr) == 1  # fmt: skip
+
+
+def test_sigterm_lets_streams_in_flight_finish_and_refuses_new_connections(
+    cluster: Cluster,
+) -> None:
+    """A rolling restart: SIGTERM stops the listener at once, but a stream already being served
+    runs to its [DONE] (within --shutdown-grace) before the process exits."""
+    proxy = cluster.proxy(extra=["--shutdown-grace", "20"])
+    cluster["d0"].set("slow", slow_delay=0.1)  # ~0.1 s per streamed token
+    body = completion(max_tokens=12, stream=True)
+    started = threading.Event()
+    result: dict[str, object] = {}
+
+    def stream() -> None:
+        chunks = []
+        with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=30) as resp:
+            result["status"] = resp.status_code
+            for chunk in resp.iter_text():
+                chunks.append(chunk)
+                started.set()
+        result["text"] = "".join(chunks)
+
+    client = threading.Thread(target=stream)
+    client.start()
+    assert started.wait(10)
+    os.kill(proxy.proc.pid, signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5).close()
+        except OSError:
+            return True
+        return False
+
+    assert wait_for(refused, timeout=5)
+    assert proxy.proc.alive()  # still serving the stream in flight
+    client.join(30)
+    assert result["status"] == 200
+    events = sse_events(str(result["text"]))
+    assert events[-1] == "[DONE]"
+    tokens = [e for e in events if isinstance(e, dict) and e.get("choices")]
+    assert len(tokens) == 12
+    assert not any(isinstance(e, dict) and "error" in e for e in events)
+    proxy.proc.popen.wait(10)
