@@ -67,7 +67,7 @@ class ProxyApp:
 
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
-        self.metrics = ProxyMetrics()
+        self.metrics = ProxyMetrics(settings.metrics_dir)
         self.pool = WorkerPool(settings.breaker_threshold, settings.breaker_cooldown)
         self.pool.add_all(settings.prefill)
         self.pool.add_all(settings.decode)

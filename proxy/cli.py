@@ -235,8 +235,15 @@ def _setup_logging(level: str) -> None:
 
 
 def _child(settings: ProxySettings, level: str) -> None:
+    from prometheus_client import multiprocess
+
     _setup_logging(level)
-    run(settings, reuse_port=True)
+    try:
+        run(settings, reuse_port=True)
+    finally:
+        if settings.metrics_dir is not None:
+            # Drop this process's live gauges (in-flight, breaker, health) from the merge.
+            multiprocess.mark_process_dead(os.getpid(), settings.metrics_dir)
 
 
 def run(settings: ProxySettings, reuse_port: bool = False) -> None:
@@ -258,7 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(settings)
         return 0
     state_dir = tempfile.mkdtemp(prefix="lmcache-proxy-")
-    settings = dataclasses.replace(settings, state_file=os.path.join(state_dir, "workers.json"))
+    metrics_dir = os.path.join(state_dir, "metrics")
+    os.mkdir(metrics_dir)
+    # prometheus_client picks its value storage when it is imported, so the spawned children
+    # must inherit this before they import it.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    settings = dataclasses.replace(
+        settings, state_file=os.path.join(state_dir, "workers.json"), metrics_dir=metrics_dir
+    )
     ctx = multiprocessing.get_context("spawn")
     children = [
         ctx.Process(target=_child, args=(settings, args.log_level), name=f"proxy-{i}")

@@ -1,8 +1,15 @@
-"""Prometheus metrics of one proxy process (its own registry: no global state)."""
+"""Prometheus metrics of the proxy (its own registry: no global state).
+
+With ``--workers N`` the processes share one prometheus_client multiprocess directory
+(``PROMETHEUS_MULTIPROC_DIR``, set by the parent before it spawns them), and ``/metrics`` on
+whichever process the scrape lands merges all of them: counters and histograms summed, in-flight
+gauges summed over live processes, breaker state the worst and health the least of any process.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["ProxyMetrics"]
 
@@ -14,7 +21,8 @@ _LATENCY_BUCKETS = (
 class ProxyMetrics:
     """All proxy metrics. Updated from the event loop; rendered by ``GET /metrics``."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self._multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -39,7 +47,7 @@ class ProxyMetrics:
         )  # fmt: skip
         self.inflight = Gauge(
             "lmcache_proxy_worker_inflight", "In-flight requests per worker", ["role", "worker"],
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.retries = Counter(
             "lmcache_proxy_retries", "Retries by leg and reason", ["leg", "reason"], registry=r
@@ -49,11 +57,11 @@ class ProxyMetrics:
         )
         self.breaker_state = Gauge(
             "lmcache_proxy_breaker_state", "0 closed, 1 open, 2 half-open", ["role", "worker"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.worker_healthy = Gauge(
             "lmcache_proxy_worker_healthy", "1 if the last health check passed", ["role", "worker"],
-            registry=r,
+            registry=r, multiprocess_mode="livemin",
         )  # fmt: skip
         self.internal_fields_dropped = Counter(
             "lmcache_proxy_client_internal_fields_dropped",
@@ -72,4 +80,8 @@ class ProxyMetrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self._multiprocess_dir)
+        return generate_latest(merged)

@@ -97,6 +97,9 @@ class ProxySettings:
     access_log: bool = True
     state_file: str | None = None
     """Set by the CLI for ``--workers N > 1``: the worker list shared by the processes."""
+    metrics_dir: str | None = None
+    """Set by the CLI for ``--workers N > 1``: prometheus_client's multiprocess directory, so
+    ``/metrics`` on any process reports the totals of all of them."""
     kv_probe: bool = False
     """Health of a D also requires its KV listener to answer the transfer handshake."""
     cluster_secret: str | None = None

@@ -49,3 +49,17 @@ def test_two_processes_share_worker_changes_and_stop(cluster: Cluster) -> None:
     os.kill(proxy.proc.pid, signal.SIGTERM)
     proxy.proc.popen.wait(15)
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), timeout=10)
+
+
+def test_metrics_of_all_processes_are_merged(cluster: Cluster) -> None:
+    """With --workers 2 a scrape lands on either process, and each answers the totals of both."""
+    proxy = cluster.proxy(extra=["--workers", "2"])
+    n = 40
+    for _ in range(n):  # a new connection each, so SO_REUSEPORT spreads them over both processes
+        assert proxy.post("/v1/completions", completion()).status_code == 200
+    for _ in range(10):
+        assert proxy.metric("lmcache_proxy_requests_total", status="200") == n
+        assert proxy.metric("lmcache_proxy_e2e_seconds_count") == n
+    # In-flight gauges are summed over live processes (0 now), health is per worker.
+    assert proxy.metric("lmcache_proxy_worker_inflight") == 0
+    assert proxy.metric("lmcache_proxy_worker_healthy", role="decode") == 1
