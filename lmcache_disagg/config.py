@@ -31,9 +31,11 @@ __all__ = [
     "ENV_PREFIX",
     "InstanceConfig",
     "LMCacheDisaggConfig",
+    "http_address",
     "load_config",
     "parse_duration",
     "parse_size",
+    "split_host_port",
 ]
 
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
@@ -102,9 +104,23 @@ Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
 def _split_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _http_address(value: str) -> str:
+    """A worker's HTTP address as ``host:port``; accepts ``http://host:port[/]`` as users copy it
+    from vLLM's startup log or other routers' flags."""
+    text = value.strip()
+    if text.lower().startswith("https://"):
+        raise ValueError(
+            f"workers are reached over plain HTTP (put TLS in front of the proxy), got {value!r}"
+        )
+    if text.lower().startswith("http://"):
+        text = text[len("http://") :].rstrip("/")
+    _split_host_port(text)
+    return text
 
 
 class InstanceConfig(BaseModel):
@@ -117,7 +133,12 @@ class InstanceConfig(BaseModel):
         default=None, description="host:port of D's KV listener; default: http host + listen_port"
     )
 
-    @field_validator("http", "kv")
+    @field_validator("http")
+    @classmethod
+    def _check_http(cls, value: str) -> str:
+        return _http_address(value)
+
+    @field_validator("kv")
     @classmethod
     def _check_host_port(cls, value: str | None) -> str | None:
         if value is not None:
@@ -246,5 +267,14 @@ def split_host_port(value: str) -> tuple[str, int]:
     """Parse ``host:port`` (IPv6 in brackets allowed); raise ConfigError naming the value."""
     try:
         return _split_host_port(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def http_address(value: str) -> str:
+    """Normalize a worker's HTTP address (``host:port`` or ``http://host:port[/]``) to
+    ``host:port``; raise ConfigError naming the value."""
+    try:
+        return _http_address(value)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -208,8 +208,8 @@ async def _serve_process(settings: ProxySettings, reuse_port: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
     _log.info(
         "lmcache-disagg-proxy pid %d listening on %s:%d (%d prefill, %d decode, policy %s)",
-        os.getpid(), settings.host, settings.port, len(settings.prefill), len(settings.decode),
-        settings.policy,
+        os.getpid(), settings.host, sock.getsockname()[1], len(settings.prefill),
+        len(settings.decode), settings.policy,
     )  # fmt: skip
     try:
         await stop.wait()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from lmcache_disagg.config import DEFAULT_KV_PORT, split_host_port
+from lmcache_disagg.config import DEFAULT_KV_PORT, http_address, split_host_port
 from lmcache_disagg.errors import ConfigError
 
 __all__ = ["POLICIES", "ProxySettings", "Timeouts", "WorkerSpec", "parse_worker_spec"]
@@ -48,11 +48,14 @@ class WorkerSpec:
 def parse_worker_spec(
     role: Literal["prefill", "decode"], text: str, kv_port: int = DEFAULT_KV_PORT
 ) -> WorkerSpec:
-    """``host:port`` or ``host:port,kv=host:port`` -> WorkerSpec (KV default: host + kv_port)."""
+    """``host:port`` or ``host:port,kv=host:port`` -> WorkerSpec (KV default: host + kv_port).
+
+    The HTTP address may also be written as a URL, ``http://host:port``.
+    """
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not parts:
         raise ConfigError(f"empty --{role} value")
-    host, port = split_host_port(parts[0])
+    host, port = split_host_port(http_address(parts[0]))
     kv: str | None = None
     for option in parts[1:]:
         key, sep, value = option.partition("=")

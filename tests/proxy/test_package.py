@@ -37,9 +37,19 @@ def test_worker_spec_parsing() -> None:
     assert spec.kv == "10.0.0.6:9000"
     spec = parse_worker_spec("decode", "[::1]:8200")
     assert (spec.http, spec.kv) == ("[::1]:8200", "[::1]:17555")
-    for bad in ("", "host", "h:0", "h:1,kv=bad", "h:1,foo=h:2"):
+    for bad in ("", "host", "h:0", "h:1,kv=bad", "h:1,foo=h:2", "http://h:1/v1", "h/x:1"):
         with pytest.raises(ConfigError):
             parse_worker_spec("decode", bad)
+    # URLs as users copy them from vLLM's log or other routers' flags.
+    spec = parse_worker_spec("decode", "http://10.0.0.5:8200/")
+    assert (spec.http, spec.kv, spec.base_url) == (
+        "10.0.0.5:8200",
+        "10.0.0.5:17555",
+        "http://10.0.0.5:8200",
+    )
+    assert parse_worker_spec("prefill", "HTTP://[::1]:8100").http == "[::1]:8100"
+    with pytest.raises(ConfigError, match="plain HTTP"):
+        parse_worker_spec("prefill", "https://h:8100")
 
 
 def test_cli_settings_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,7 +77,7 @@ def test_push_target_override_from_cli_and_yaml(cluster: Cluster, tmp_path: Path
     cfg = tmp_path / "cluster.yaml"
     cfg.write_text(
         "listen_port: 17700\n"
-        f"prefill_instances:\n  - http: {cluster['p1'].addr}\n"
+        f"prefill_instances:\n  - http: http://{cluster['p1'].addr}/\n"  # URL form is accepted
         f"decode_instances:\n  - http: {cluster['d1'].addr}\n"
         f"  - http: {cluster['d0'].addr}\n    kv: 127.0.0.8:17001\n"
     )
