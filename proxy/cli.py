@@ -198,8 +198,11 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
 
 
 async def _serve_process(settings: ProxySettings, reuse_port: bool) -> None:
+    try:
+        sock = make_listen_socket(settings.host, settings.port, reuse_port=reuse_port)
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
     app = ProxyApp(settings)
-    sock = make_listen_socket(settings.host, settings.port, reuse_port=reuse_port)
     await app.start()
     server = await serve(app.handle, sock, ServerLimits(max_body=settings.max_body))
     stop = asyncio.Event()
@@ -240,6 +243,9 @@ def _child(settings: ProxySettings, level: str) -> None:
     _setup_logging(level)
     try:
         run(settings, reuse_port=True)
+    except ConfigError as exc:
+        print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if settings.metrics_dir is not None:
             # Drop this process's live gauges (in-flight, breaker, health) from the merge.
@@ -262,7 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
         return 2
     if settings.workers == 1:
-        run(settings)
+        try:
+            run(settings)
+        except ConfigError as exc:
+            print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
+            return 2
         return 0
     state_dir = tempfile.mkdtemp(prefix="lmcache-proxy-")
     metrics_dir = os.path.join(state_dir, "metrics")
@@ -291,7 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for child in children:
         child.join()
     shutil.rmtree(state_dir, ignore_errors=True)
-    return 0
+    codes = [child.exitcode for child in children]
+    if all(code == 0 for code in codes):
+        return 0
+    return 2 if 2 in codes else 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ class Timeouts:
     """Non-streaming D: the whole answer (a non-streamed answer has no earlier byte)."""
     health: float = 2.0
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"the {f.name} timeout must be > 0 seconds, got {value}")
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
@@ -118,6 +124,21 @@ class ProxySettings:
             raise ConfigError("max_concurrency must be >= 1")
         if self.workers < 1:
             raise ConfigError("workers must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0-65535, got {self.port}")
+        at_least = {
+            "prefill_attempts": 1, "decode_attempts": 1, "breaker_threshold": 1, "max_body": 1,
+            "upstream_pool_size": 1, "retry_after": 0, "local_prefill_threshold": 0,
+            "max_tokens_limit": 1,
+        }  # fmt: skip
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("health_interval", "breaker_cooldown", "shutdown_grace"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        if self.health_interval == 0:
+            raise ConfigError("health_interval must be > 0 seconds")
 
     def __repr__(self) -> str:
         shown = []

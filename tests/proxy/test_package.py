@@ -77,6 +77,38 @@ def test_cli_settings_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert bad.returncode == 2 and "bogus" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "80000"], "port must be 0-65535"),
+        (["--prefill-timeout", "-1"], "prefill timeout must be > 0"),
+        (["--prefill-attempts", "0"], "prefill_attempts must be >= 1"),
+        (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:"),  # TEST-NET-1: never local
+    ],
+)
+def test_bad_settings_exit_2_with_a_message_not_a_traceback(flags: list[str], message: str) -> None:
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmcache_disagg.proxy.cli", "--prefill", "127.0.0.1:1",
+         "--decode", "127.0.0.1:2", "--port", "0", *flags],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        bad = subprocess.run(
+            [sys.executable, "-m", "lmcache_disagg.proxy.cli", "--prefill", "127.0.0.1:1",
+             "--decode", "127.0.0.1:2", "--port", port],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert bad.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in bad.stderr, bad.stderr
+
+
 def test_bench_json_smoke() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "lmcache_disagg.cli", "bench", "proxy", "--json", "--requests",
