@@ -352,10 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args(argv)
-    chunk_bytes = parse_size(args.chunk_bytes)
-    if args.total is not None:
-        total = parse_size(args.total)
-    else:
+    try:
+        chunk_bytes = parse_size(args.chunk_bytes)
+        total = parse_size(args.total) if args.total is not None else 0
+    except ValueError as exc:
+        parser.error(str(exc))
+    if chunk_bytes < 2 or chunk_bytes % 2:
+        parser.error(f"--chunk-bytes must be an even number of bytes >= 2, got {chunk_bytes}")
+    if args.chunks_per_transfer is not None and args.chunks_per_transfer < 1:
+        parser.error("--chunks-per-transfer must be >= 1")
+    if args.total is None:
         total = 4 << 30 if chunk_bytes >= _MIB else chunk_bytes * 16384
     n_chunks = max(2, total // chunk_bytes)
     per_transfer = args.chunks_per_transfer or max(1, min(64, (64 * _MIB) // chunk_bytes))

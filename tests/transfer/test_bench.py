@@ -20,3 +20,22 @@ def test_bench_prints_one_json_object_last(
     assert result["channel_used"] == channel and result["chunks"] == 8
     assert result["channel_gbps"] > 0 and result["raw_gbps"] > 0
     assert result["checksum_failures"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--chunk-bytes", "0"], "even number of bytes"),
+        (["--chunk-bytes", "3"], "even number of bytes"),
+        (["--chunk-bytes", "lots"], "expected a size"),
+        (["--total", "xyz"], "expected a size"),
+        (["--chunks-per-transfer", "0"], "--chunks-per-transfer must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
