@@ -70,6 +70,13 @@ class TinyModelSpec:
     lm_head_scale: float = 8.0
 
     def validate(self) -> None:
+        for flag, value in (
+            ("--layers", self.layers), ("--hidden", self.hidden),
+            ("--intermediate", self.intermediate), ("--heads", self.heads),
+            ("--kv-heads", self.kv_heads), ("--max-positions", self.max_positions),
+        ):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.hidden % self.heads:
             raise ValueError(
                 f"--hidden ({self.hidden}) must be a multiple of --heads ({self.heads})"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,3 +80,13 @@ def test_cli_rejects_bad_shape_with_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "--hidden (100) must be a multiple of --heads (3)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "flag"),
+    [("layers", "--layers"), ("kv_heads", "--kv-heads"), ("heads", "--heads"),
+     ("hidden", "--hidden"), ("intermediate", "--intermediate")],
+)  # fmt: skip
+def test_zero_sizes_are_refused_by_name(field: str, flag: str) -> None:
+    with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+        dataclasses.replace(TinyModelSpec(), **{field: 0}).validate()
