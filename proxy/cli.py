@@ -158,6 +158,12 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
             )
     if not decode:
         raise ConfigError("at least one --decode worker is required")
+    if not prefill:
+        _log.warning(
+            "no --prefill worker: requests are prefilled on D (or refused with "
+            "--no-local-fallback) until a P is added with POST /workers; /ready stays false "
+            "until then"
+        )
     env = os.environ
     return ProxySettings(
         prefill=tuple(prefill),
