@@ -6,10 +6,12 @@ Two strategies, chosen per call:
   a block its tokens are consecutive slots. When the per-layer caches are equally spaced windows
   of one allocation (how vLLM 0.32 allocates a KV cache group) they are one strided tensor
   ``[L, B, H, N, C]``, and each block run is a single ``copy_`` between strided views for all
-  layers, K and V together where they share a cell, parallel over the intra-op threads. For the
-  token-major ``flash_nhd`` cells that is close to ``copy_`` speed; layouts that store K
-  transposed (``cpu``) or in tiles (``cpu_amx``) pay for element-wise shuffles. Caches that are
-  not equally spaced get one ``copy_`` per layer and run.
+  layers, K and V together where they share a cell, parallel over the intra-op threads. Whole
+  blocks with consecutive ids (what vLLM's free-block queue hands a new request on a fresh or
+  lightly used server) merge into one span and one ``copy_``. For the token-major ``flash_nhd``
+  cells that is close to ``copy_`` speed; layouts that store K transposed (``cpu``) or in tiles
+  (``cpu_amx``) pay for element-wise shuffles. Caches that are not equally spaced get one
+  ``copy_`` per layer and run.
 * **Index kernels**, when there would be too many runs (tiny blocks): one ``aten.index`` /
   ``index_put_`` per layer and K/V over ``[block, slot]`` pairs.
 
@@ -25,7 +27,7 @@ import torch
 
 from lmcache_disagg.kernels.layouts import KVLayout, layer_groups
 
-__all__ = ["block_runs", "gather", "scatter", "token_indices"]
+__all__ = ["block_runs", "block_spans", "gather", "scatter", "token_indices"]
 
 # Above this many copy_ calls their overhead (a few us each) loses to the index kernels.
 MAX_RUN_COPIES = 160
@@ -61,6 +63,27 @@ def block_runs(
 # (chunk token offset, block id, first tile, first slot in the tile, tokens, whole tiles or 0)
 TileRun = tuple[int, int, int, int, int, int]
 
+# (chunk token offset, first block id, number of whole blocks with consecutive ids)
+Span = tuple[int, int, int]
+
+
+def block_spans(runs: list[Run], block_size: int) -> tuple[list[Span], list[Run]]:
+    """Merge whole-block runs whose block ids are consecutive into spans; the other runs (partial
+    first or last blocks) are returned as they are."""
+    spans: list[Span] = []
+    rest: list[Run] = []
+    for offset, block, slot, length in runs:
+        if slot or length != block_size:
+            rest.append((offset, block, slot, length))
+            continue
+        if spans:
+            first_offset, first_block, count = spans[-1]
+            if first_block + count == block and first_offset + count * block_size == offset:
+                spans[-1] = (first_offset, first_block, count + 1)
+                continue
+        spans.append((offset, block, 1))
+    return spans, rest
+
 
 def _tile_runs(runs: list[Run], tile: int) -> list[TileRun]:
     """Split block runs at token-tile boundaries (only ``cpu_amx`` has tiles smaller than a
@@ -89,16 +112,24 @@ def _runs_copy(
     max_copies: int,
 ) -> bool:
     """Move the runs with ``copy_``; False (nothing done) if that would take too many calls."""
+    spans, rest = block_spans(runs, layout.block_size)
     plan = []
     for layers, cells in layer_groups(layout, kv_caches):
         for kv0, view in cells:
-            plan.append((layers, kv0, view, _tile_runs(runs, view.shape[-5])))
-    if sum(len(tiled) for *_, tiled in plan) > max_copies:
+            plan.append((layers, kv0, view, _tile_runs(rest, view.shape[-5])))
+    if sum(len(spans) + len(tiled) for *_, tiled in plan) > max_copies:
         return False
     for layers, kv0, view, tiled in plan:
-        _, _, _, tile, _, kv, d1, d0 = view.shape
+        _, _, tiles, tile, _, kv, d1, d0 = view.shape
         # chunk [L', kv, tokens, H, D] -> [L', tokens, H, kv, D1, D0] to match the cells
         part = chunk[layers, kv0 : kv0 + kv].unflatten(-1, (d1, d0)).movedim(1, 3)
+        for i, block, count in spans:
+            whole_blocks = part[:, i : i + count * tiles * tile].unflatten(1, (count, tiles, tile))
+            cells = view[:, block : block + count]
+            if to_chunk:
+                whole_blocks.copy_(cells)
+            else:
+                cells.copy_(whole_blocks)
         for i, block, t1, t0, length, whole in tiled:
             if whole:
                 dst = part[:, i : i + length].unflatten(1, (whole, tile))

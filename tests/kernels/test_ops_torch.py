@@ -44,6 +44,31 @@ def test_aligned_full_chunk(kind: str) -> None:
     check_case(Case(kind, torch.bfloat16, 16, 256, 512, num_layers=4), "torch")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("blocks", ["consecutive", "mixed"])
+@pytest.mark.parametrize(("start", "num_tokens"), [(0, 256), (5, 256), (32, 40), (3, 7)])
+def test_consecutive_blocks_merge_into_spans(
+    kind: str, blocks: str, start: int, num_tokens: int, impl: Impl
+) -> None:
+    """Whole blocks with consecutive ids move as one span; partial first/last blocks, gaps and
+    backwards steps in the table still land exactly (and nothing else is touched)."""
+    for shared, pad in ((True, 0), (False, 24)):
+        case = Case(kind, torch.bfloat16, 16, num_tokens, start, num_layers=3, pad=pad,
+                    shared=shared, blocks=blocks, spare_blocks=6)  # fmt: skip
+        check_case(case, impl)
+
+
+def test_block_spans() -> None:
+    from lmcache_disagg.kernels.torch_impl import block_runs, block_spans
+
+    ids = torch.tensor([7, 8, 9, 3, 4, 11])
+    spans, rest = block_spans(block_runs(4, ids, 2, 22), 4)
+    # tokens 2..3 sit in block 7 (partial), 4..11 in 8, 9 (one span), 12..19 in 3, 4, 20..21 in 11
+    assert spans == [(2, 8, 2), (10, 3, 2)]
+    assert rest == [(0, 7, 2, 2), (18, 11, 0, 2)]
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     impl=st.sampled_from(IMPLS),

@@ -168,6 +168,9 @@ class Case:
     spare_blocks: int = 2
     seed: int = 0
     shared: bool = True
+    blocks: str = "shuffled"
+    """The block table: "shuffled" (a random permutation), "consecutive" (ascending ids, so whole
+    blocks merge into spans), or "mixed" (ascending runs broken by gaps and a backwards step)."""
 
     @property
     def token_end(self) -> int:
@@ -186,5 +189,13 @@ class Case:
         caches = make_caches(
             layout, self.num_layers, num_blocks, pad=self.pad, shared=self.shared, gen=gen
         )
-        table = torch.randperm(num_blocks, generator=gen)[:used].tolist()
+        if self.blocks == "consecutive":
+            table = list(range(1, used + 1))  # block 0 and the spares stay poison
+        elif self.blocks == "mixed":
+            picked = torch.randperm(num_blocks, generator=gen)[:used].sort().values.tolist()
+            if used >= 4:
+                picked[used // 2], picked[used // 2 + 1] = picked[used // 2 + 1], picked[used // 2]
+            table = picked
+        else:
+            table = torch.randperm(num_blocks, generator=gen)[:used].tolist()
         return layout, caches, table
