@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python -m pip install --quiet -e ".[bench]" || echo "vllm-router unavailable: the proxy bench runs without it"
 	@mkdir -p bench-results
 	$(BIN)/lmcache-disagg bench kernels --json | tee bench-results/kernels.txt
+	$(BIN)/lmcache-disagg bench kernels --blocks consecutive --shape llama8b --json | tee bench-results/kernels-consecutive.txt
 	$(BIN)/lmcache-disagg bench transfer --channel tcp --chunk-bytes 32MiB --json | tee bench-results/transfer-tcp-32MiB.txt
 	$(BIN)/lmcache-disagg bench transfer --channel tcp --chunk-bytes 128KiB --json | tee bench-results/transfer-tcp-128KiB.txt
 	$(BIN)/lmcache-disagg bench transfer --channel nixl --chunk-bytes 32MiB --json | tee bench-results/transfer-nixl-32MiB.txt

@@ -85,9 +85,15 @@ def pattern_copy(layout: KVLayout, caches: list[torch.Tensor], out: torch.Tensor
 
 
 def bench_one(
-    shape: BenchShape, kind: LayoutKind, iters: int, impl: Impl = "torch"
+    shape: BenchShape,
+    kind: LayoutKind,
+    iters: int,
+    impl: Impl = "torch",
+    blocks: str = "random",
 ) -> dict[str, Any]:
-    """Time gather, scatter and the ``copy_`` baseline for one shape and layout kind."""
+    """Time gather, scatter and the baselines for one shape and layout kind. ``blocks`` is the
+    chunk's block table: "random" (shuffled through a 4x larger cache, the worst case) or
+    "consecutive" (what a fresh vLLM allocator hands a new request)."""
     layout = shape.layout(kind)
     n_blocks = -(-shape.num_tokens // shape.block_size)
     pool = 4 * n_blocks  # blocks come from a larger cache, in shuffled order
@@ -95,7 +101,10 @@ def bench_one(
     caches = layout.empty_caches(shape.num_layers, pool)
     for cache in caches:
         cache.normal_(generator=gen)
-    block_ids = torch.randperm(pool, generator=gen)[:n_blocks]
+    if blocks == "consecutive":
+        block_ids = torch.arange(n_blocks, 2 * n_blocks)
+    else:
+        block_ids = torch.randperm(pool, generator=gen)[:n_blocks]
     nbytes = layout.chunk_bytes(shape.num_layers, shape.num_tokens)
     page = torch.empty(nbytes, dtype=torch.uint8)
     out = page.view(layout.dtype).view(layout.chunk_shape(shape.num_layers, shape.num_tokens))
@@ -141,12 +150,20 @@ def _fits(shape: BenchShape, kind: LayoutKind) -> bool:
     return True
 
 
-def run(shapes: list[str], kinds: list[LayoutKind], iters: int) -> dict[str, Any]:
-    results = [bench_one(SHAPES[s], k, iters) for s in shapes for k in kinds if _fits(SHAPES[s], k)]
+def run(
+    shapes: list[str], kinds: list[LayoutKind], iters: int, blocks: str = "random"
+) -> dict[str, Any]:
+    results = [
+        bench_one(SHAPES[s], k, iters, blocks=blocks)
+        for s in shapes
+        for k in kinds
+        if _fits(SHAPES[s], k)
+    ]
     return {
         "bench": "kernels",
         "torch_threads": torch.get_num_threads(),
         "iters": iters,
+        "blocks": blocks,
         "results": results,
     }
 
@@ -159,16 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="repeatable")
     parser.add_argument("--layout", choices=CPU_KINDS, action="append", help="repeatable")
+    parser.add_argument(
+        "--blocks",
+        choices=("random", "consecutive"),
+        default="random",
+        help="the chunk's block table: shuffled (worst case, the default) or consecutive ids",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error("--iters must be >= 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    report = run(args.shape or list(SHAPES), args.layout or list(CPU_KINDS), args.iters)
+    report = run(
+        args.shape or list(SHAPES), args.layout or list(CPU_KINDS), args.iters, args.blocks
+    )
     header = f"{'shape':<8} {'layout':<10} {'MiB':>7} {'copy_':>7} {'gather':>7} {'ratio':>6}"
     print(
         f"{header} {'scatter':>7} {'ratio':>6} {'pattern':>7} {'ratio':>6}   (GB/s, best of "
-        f"{report['iters']} rounds; median ratios; torch threads={report['torch_threads']})"
+        f"{report['iters']} rounds; median ratios; torch threads={report['torch_threads']}; "
+        f"{report['blocks']} blocks)"
     )
     for r in report["results"]:
         print(

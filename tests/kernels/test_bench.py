@@ -33,6 +33,25 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
             assert r[key] > 0
 
 
+def test_bench_consecutive_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "--json",
+        "--iters",
+        "1",
+        "--shape",
+        "tiny",
+        "--layout",
+        "cpu",
+        "--blocks",
+        "consecutive",
+    ]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["blocks"] == "consecutive"
+    (row,) = report["results"]
+    assert row["gather_gbps"] > 0 and row["scatter_gbps"] > 0
+
+
 def test_bench_large_shape_one_layout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--json", "--iters", "1", "--shape", "llama8b", "--layout", "flash_nhd"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
