@@ -243,6 +243,11 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _config_failure(exc: ConfigError) -> int:
+    print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
+    return 2
+
+
 def _child(settings: ProxySettings, level: str) -> None:
     from prometheus_client import multiprocess
 
@@ -250,8 +255,7 @@ def _child(settings: ProxySettings, level: str) -> None:
     try:
         run(settings, reuse_port=True)
     except ConfigError as exc:
-        print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(_config_failure(exc))
     finally:
         if settings.metrics_dir is not None:
             # Drop this process's live gauges (in-flight, breaker, health) from the merge.
@@ -270,16 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         settings = settings_from_args(args)
-    except ConfigError as exc:
-        print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
-        return 2
-    if settings.workers == 1:
-        try:
+        if settings.workers == 1:
             run(settings)
-        except ConfigError as exc:
-            print(f"lmcache-disagg-proxy: {exc}", file=sys.stderr)
-            return 2
-        return 0
+            return 0
+    except ConfigError as exc:
+        return _config_failure(exc)
     state_dir = tempfile.mkdtemp(prefix="lmcache-proxy-")
     metrics_dir = os.path.join(state_dir, "metrics")
     os.mkdir(metrics_dir)

@@ -134,11 +134,11 @@ class ProxySettings:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("health_interval", "breaker_cooldown", "shutdown_grace"):
+        if not self.health_interval > 0:
+            raise ConfigError(f"health_interval must be > 0 seconds, got {self.health_interval}")
+        for name in ("breaker_cooldown", "shutdown_grace"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
-        if self.health_interval == 0:
-            raise ConfigError("health_interval must be > 0 seconds")
 
     def __repr__(self) -> str:
         shown = []

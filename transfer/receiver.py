@@ -163,19 +163,15 @@ class KVReceiver:
         config: LMCacheDisaggConfig,
         fingerprint: LayoutFingerprint,
         *,
-        listen_port: int | None = None,
         registry: CollectorRegistry | None = None,
-        advertise_data_port: int | None = None,
     ) -> None:
-        """``advertise_data_port`` (else ``config.advertised_data_port``) replaces the TCP data
-        port announced to senders (port forwarding, NAT, or a test fault proxy in front of the
-        real port ``config.data_port``)."""
+        """Ports come from ``config``: ``listen_port`` (control), ``data_port`` (TCP data) and
+        ``advertised_data_port``, announced to senders instead of the bound data port (port
+        forwarding, NAT, or a test fault proxy in front of the real port)."""
         fingerprint.validate()
-        self._advertise_data_port = advertise_data_port
         self.config = config
         self.fingerprint = fingerprint
         self.page_bytes = fingerprint.page_bytes
-        self._port = config.listen_port if listen_port is None else listen_port
         self.metrics = TransferMetrics("recv", registry)
         n_pages = max(1, config.pool_size // self.page_bytes)
         self.pool = ReceivePool(n_pages, self.page_bytes, config.pool_device)
@@ -233,16 +229,16 @@ class KVReceiver:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_MESSAGE)
+        port = self.config.listen_port
         try:
-            if self._port == 0:
+            if port == 0:
                 port = router.bind_to_random_port(f"tcp://{host}")
             else:
-                router.bind(f"tcp://{host}:{self._port}")
-                port = self._port
+                router.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as exc:
             router.close(0)
             self._ctx.term()
-            raise TransferError(f"cannot bind KV listener on {host}:{self._port}: {exc}") from exc
+            raise TransferError(f"cannot bind KV listener on {host}:{port}: {exc}") from exc
         self._router = router
         self.endpoint = f"{host}:{port}"
         try:
@@ -679,11 +675,7 @@ class KVReceiver:
             proof=proof,
             auth_required=secret is not None,
             session=session.sid,
-            data_port=(
-                self._advertise_data_port
-                or self.config.advertised_data_port
-                or self._listener.getsockname()[1]
-            ),
+            data_port=self.config.advertised_data_port or self._listener.getsockname()[1],
             page_bytes=self.page_bytes,
             n_pages=self.pool.n_pages,
             nixl_agent=nixl.name if nixl else "",

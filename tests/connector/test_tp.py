@@ -125,9 +125,7 @@ def test_two_ranks_push_to_their_peer_rank() -> None:
     receivers, senders, pushers, loaders = [], [], [], []
     try:
         for rank in (0, 1):
-            rx = KVReceiver(
-                cfg, d_kv[rank].fingerprint, listen_port=listen_port_for_rank(base, rank)
-            )
+            rx = KVReceiver(receiver_config_for_rank(cfg, rank), d_kv[rank].fingerprint)
             rx.start()
             receivers.append(rx)
             loaders.append(Loader(cfg, d_kv[rank], rx, SyncCopyEngine(), StatsRecorder(), LOG))

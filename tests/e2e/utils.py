@@ -324,6 +324,17 @@ FAST_TIMEOUTS = {
 }
 
 
+def start_servers(*servers: VLLMServer) -> None:
+    """Start ``servers`` in order; if one fails, stop all of them (nothing left running)."""
+    try:
+        for server in servers:
+            server.start()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+
+
 def start_pair(
     model_dir: Path,
     log_dir: Path,
@@ -358,13 +369,7 @@ def start_pair(
         ),
         log_dir / f"prefill-{channel}.log",
     )
-    try:
-        decode.start()
-        prefill.start()
-    except BaseException:
-        prefill.stop()
-        decode.stop()
-        raise
+    start_servers(decode, prefill)
     return Pair(prefill, decode, f"127.0.0.1:{kv_port}")
 
 

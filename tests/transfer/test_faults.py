@@ -14,6 +14,7 @@ import pytest
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
+from lmcache_disagg.vllm_server import free_port
 from tests.transfer.faultproxy import ArmedFaultProxy
 from tests.transfer.utils import FP, chunk_data, make_config, wait_until
 
@@ -24,12 +25,15 @@ DEADLINE = 2.0
 @pytest.fixture
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[KVReceiver, KVSender, ArmedFaultProxy]]:
     fault, delay = request.param
-    rx = KVReceiver(make_config("tcp", reservation_ttl=3.0), FP)
-    rx.start()
-    proxy = ArmedFaultProxy(rx.data_port)
+    data_port = free_port()
+    proxy = ArmedFaultProxy(data_port)
     if fault != "none":
         proxy.arm(fault, skip=1, delay=delay)  # the second chunk frame
-    rx._advertise_data_port = proxy.port
+    config = make_config(
+        "tcp", reservation_ttl=3.0, data_port=data_port, advertised_data_port=proxy.port
+    )
+    rx = KVReceiver(config, FP)
+    rx.start()
     tx = KVSender(make_config("tcp", push_deadline=DEADLINE), FP)
     tx.start()
     yield rx, tx, proxy

@@ -4,22 +4,15 @@ handshake with the new one instead of failing or writing into stale pool descrip
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
+from lmcache_disagg.vllm_server import free_port
 from tests.transfer.utils import CHANNELS, FP, chunk_data, chunk_key, make_config
 
 N_CHUNKS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _push(tx: KVSender, endpoint: str, tid: str, seed: int) -> tuple[PushState, str]:
@@ -43,7 +36,7 @@ def _check_received(rx: KVReceiver, tid: str, seed: int) -> None:
 
 @pytest.mark.parametrize("channel", CHANNELS)
 def test_pushes_after_d_restarts_on_the_same_port(channel: str) -> None:
-    d_config = make_config(channel, listen_port=_free_port())
+    d_config = make_config(channel, listen_port=free_port())
     rx = KVReceiver(d_config, FP)
     rx.start()
     tx = KVSender(make_config(channel), FP)

@@ -12,15 +12,16 @@ import time
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
+from lmcache_disagg.vllm_server import free_port
 from tests.transfer.faultproxy import ArmedFaultProxy
 from tests.transfer.utils import FP, chunk_data, make_config
 
 
 def test_cancel_after_a_checksum_failure_keeps_the_reason() -> None:
-    rx = KVReceiver(make_config("tcp"), FP)
+    data_port = free_port()
+    relay = ArmedFaultProxy(data_port)
+    rx = KVReceiver(make_config("tcp", data_port=data_port, advertised_data_port=relay.port), FP)
     rx.start()
-    relay = ArmedFaultProxy(rx.data_port)
-    rx._advertise_data_port = relay.port
     tx = KVSender(make_config("tcp", push_deadline=3.0), FP)
     tx.start()
     try:

@@ -32,6 +32,7 @@ from tests.e2e.utils import (
     metric_labels,
     metric_sum,
     scrape,
+    start_servers,
     token_prompt,
 )
 from tests.transfer.faultproxy import ArmedFaultProxy
@@ -123,11 +124,8 @@ def start_cluster(model_dir: Path, log_dir: Path, *, verify: bool = False) -> Cl
     decode = VLLMServer(spec("kv_consumer", 1, d_config), log_dir / "decode.log")
     prefill = VLLMServer(spec("kv_producer", 0, p_config), log_dir / "prefill.log")
     try:
-        decode.start()
-        prefill.start()
+        start_servers(decode, prefill)
     except BaseException:
-        prefill.stop()
-        decode.stop()
         relay.close()
         raise
     return Cluster(prefill, decode, relay, kv, str(model_dir), log_dir)
