@@ -5,19 +5,27 @@ completes, like D's connector would). For ``--channel tcp`` the baseline is a pl
 (``sendall`` / ``recv_into`` with ``MSG_WAITALL``) moving the same bytes in the same chunk size; for
 ``--channel nixl`` it is a bare NIXL WRITE loop between two agents with the same chunk size and
 in-flight depth. Prints GB/s of both, the ratio, and chunks/s.
+
+By default each end runs on its own half of the CPUs (like ``iperf3 -A``), the baseline as much
+as the channel: in a real deployment P and D are different hosts, and on a small box the
+scheduler moving the two ends' threads across the same CPUs costs more than what is measured.
+``--no-pin`` lets the scheduler place them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
+import os
 import queue
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -70,12 +78,53 @@ def _send_pages(chunk_bytes: int) -> int:
     return max(8, min(64, (512 * _MIB) // chunk_bytes))
 
 
+# -- CPU placement -------------------------------------------------------------------------------
+
+CpuSet = frozenset[int] | None
+
+
+def cpu_split(pin: bool) -> tuple[CpuSet, CpuSet]:
+    """(sender CPUs, receiver CPUs): two halves of the CPUs this process may use, or no pinning."""
+    if not pin or not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    half = len(cpus) // 2
+    return frozenset(cpus[:half]), frozenset(cpus[half:])
+
+
+@contextlib.contextmanager
+def _pinned(cpus: CpuSet) -> Iterator[None]:
+    """Run the calling thread, and the threads it starts meanwhile, on ``cpus``."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _pin_self(cpus: CpuSet) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
 # -- channel run ---------------------------------------------------------------------------------
 
 
 def _channel_receiver(
-    conn: Connection, channel: str, chunk_bytes: int, pool_pages: int, n_transfers: int
+    conn: Connection,
+    channel: str,
+    chunk_bytes: int,
+    pool_pages: int,
+    n_transfers: int,
+    cpus: CpuSet,
 ) -> None:
+    _pin_self(cpus)
     from lmcache_disagg.transfer.receiver import KVReceiver
     from lmcache_disagg.transfer.state import RecvState
 
@@ -100,7 +149,15 @@ def _channel_receiver(
 
 
 def _run_channel(
-    channel: str, chunk_bytes: int, n_chunks: int, per_transfer: int
+    channel: str, chunk_bytes: int, n_chunks: int, per_transfer: int, pin: bool = True
+) -> dict[str, Any]:
+    tx_cpus, rx_cpus = cpu_split(pin)
+    with _pinned(tx_cpus):
+        return _run_channel_pinned(channel, chunk_bytes, n_chunks, per_transfer, rx_cpus)
+
+
+def _run_channel_pinned(
+    channel: str, chunk_bytes: int, n_chunks: int, per_transfer: int, rx_cpus: CpuSet
 ) -> dict[str, Any]:
     from lmcache_disagg.transfer.sender import KVSender
     from lmcache_disagg.transfer.state import PushState
@@ -114,7 +171,7 @@ def _run_channel(
     parent, child = ctx.Pipe()
     proc = ctx.Process(
         target=_channel_receiver,
-        args=(child, channel, chunk_bytes, pool_pages, n_transfers),
+        args=(child, channel, chunk_bytes, pool_pages, n_transfers, rx_cpus),
         name="lmcd-bench-rx",
     )
     proc.start()
@@ -206,7 +263,10 @@ def _run_channel(
 # -- raw baselines -------------------------------------------------------------------------------
 
 
-def _raw_tcp_receiver(conn: Connection, port: int, chunk_bytes: int, n_chunks: int) -> None:
+def _raw_tcp_receiver(
+    conn: Connection, port: int, chunk_bytes: int, n_chunks: int, cpus: CpuSet
+) -> None:
+    _pin_self(cpus)
     from lmcache_disagg.transfer.pool import allocate_pages, host_view
 
     # Same allocator as the pools (huge pages, pre-faulted), so memory is not the difference.
@@ -225,13 +285,19 @@ def _raw_tcp_receiver(conn: Connection, port: int, chunk_bytes: int, n_chunks: i
         sock.sendall(b"!")
 
 
-def _run_raw_tcp(chunk_bytes: int, n_chunks: int) -> float:
+def _run_raw_tcp(chunk_bytes: int, n_chunks: int, pin: bool = True) -> float:
+    tx_cpus, rx_cpus = cpu_split(pin)
+    with _pinned(tx_cpus):
+        return _run_raw_tcp_pinned(chunk_bytes, n_chunks, rx_cpus)
+
+
+def _run_raw_tcp_pinned(chunk_bytes: int, n_chunks: int, rx_cpus: CpuSet) -> float:
     ctx = mp.get_context("spawn")
     with socket.create_server(("127.0.0.1", 0)) as server:
         _parent, child = ctx.Pipe()
         proc = ctx.Process(
             target=_raw_tcp_receiver,
-            args=(child, server.getsockname()[1], chunk_bytes, n_chunks),
+            args=(child, server.getsockname()[1], chunk_bytes, n_chunks, rx_cpus),
             name="lmcd-bench-raw",
         )
         proc.start()
@@ -256,7 +322,8 @@ def _run_raw_tcp(chunk_bytes: int, n_chunks: int) -> float:
     return elapsed * n_chunks / max(1, n_chunks - 1)
 
 
-def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int) -> None:
+def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int, cpus: CpuSet) -> None:
+    _pin_self(cpus)
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
     from lmcache_disagg.transfer.pool import allocate_pages
 
@@ -274,7 +341,13 @@ def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int) -> None:
     agent.close()
 
 
-def _run_raw_nixl(chunk_bytes: int, n_chunks: int, depth: int) -> float:
+def _run_raw_nixl(chunk_bytes: int, n_chunks: int, depth: int, pin: bool = True) -> float:
+    tx_cpus, rx_cpus = cpu_split(pin)
+    with _pinned(tx_cpus):
+        return _run_raw_nixl_pinned(chunk_bytes, n_chunks, depth, rx_cpus)
+
+
+def _run_raw_nixl_pinned(chunk_bytes: int, n_chunks: int, depth: int, rx_cpus: CpuSet) -> float:
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
     from lmcache_disagg.transfer.pool import allocate_pages
 
@@ -282,7 +355,9 @@ def _run_raw_nixl(chunk_bytes: int, n_chunks: int, depth: int) -> float:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(
-        target=_raw_nixl_receiver, args=(child, chunk_bytes, pages), name="lmcd-bench-raw"
+        target=_raw_nixl_receiver,
+        args=(child, chunk_bytes, pages, rx_cpus),
+        name="lmcd-bench-raw",
     )
     proc.start()
     agent = NixlAgent("lmcd-bench-raw-tx", ("UCX",))
@@ -350,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating baseline/channel rounds (noise)"
     )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the scheduler place both ends (default: each end on its own half of the CPUs)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args(argv)
     try:
@@ -367,16 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     per_transfer = args.chunks_per_transfer or max(1, min(64, (64 * _MIB) // chunk_bytes))
     per_transfer = min(per_transfer, n_chunks)
     moved = n_chunks * chunk_bytes
+    tx_cpus, rx_cpus = cpu_split(args.pin)
     rounds = []
     run: dict[str, Any] = {}
     for _ in range(max(1, args.rounds)):
         if args.channel == "tcp":
-            raw = _run_raw_tcp(chunk_bytes, n_chunks)
+            raw = _run_raw_tcp(chunk_bytes, n_chunks, args.pin)
         else:
             # as many WRITEs in flight as the channel has staging pages
             depth = min(_send_pages(chunk_bytes), n_chunks + 1)
-            raw = _run_raw_nixl(chunk_bytes, n_chunks, depth)
-        run = _run_channel(args.channel, chunk_bytes, n_chunks, per_transfer)
+            raw = _run_raw_nixl(chunk_bytes, n_chunks, depth, args.pin)
+        run = _run_channel(args.channel, chunk_bytes, n_chunks, per_transfer, args.pin)
         rounds.append({"raw_s": raw, "channel_s": run["seconds"], "ratio": raw / run["seconds"]})
         print(
             f"  round {len(rounds)}: channel {moved / run['seconds'] / 1e9:.2f} GB/s "
@@ -405,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         "checksum_failures": run["checksum_failures"],
         "chunks_per_transfer": per_transfer,
         "in_flight_transfers": run["in_flight_transfers"],
+        "cpus": {
+            "sender": sorted(tx_cpus) if tx_cpus else "any",
+            "receiver": sorted(rx_cpus) if rx_cpus else "any",
+        },
     }
     print(
         f"{args.channel} ({run['kind']}), best of {len(rounds)}: "
