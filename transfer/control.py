@@ -16,6 +16,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -111,6 +112,7 @@ class ControlLoop:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         by_socket: dict[zmq.Socket[bytes], Any] = {}
         interval_ms = int(HOUSEKEEPING_INTERVAL * 1000)
+        next_tick = 0.0
         while not self._stop.is_set():
             try:
                 events = dict(poller.poll(interval_ms))
@@ -126,6 +128,10 @@ class ControlLoop:
             for sock, key in list(by_socket.items()):
                 if sock in events:
                     self._receive(key, sock)
+            now = time.monotonic()
+            if now < next_tick:
+                continue
+            next_tick = now + HOUSEKEEPING_INTERVAL
             try:
                 self._on_tick()
             except Exception:

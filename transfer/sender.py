@@ -151,7 +151,11 @@ class _Peer:
         self.remote_mem = "DRAM"
         self.remote_dev = 0
         self.remote_pages = 0
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=sender.send_pool.n_pages * 2 + 64)
+        # SimpleQueue (C, ~0.3 us per put+get against ~2.3 us for queue.Queue) is on the path of
+        # every chunk. It is bounded here, in enqueue(): chunk items each hold a staging page
+        # (at most n_pages of them), so only finish notices can pile up past that.
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.max_queued = sender.send_pool.n_pages * 2 + 64
         self.thread: threading.Thread | None = None
         self.broken = ""
         self.closed = False
@@ -203,10 +207,12 @@ class _Peer:
         self.thread.start()
 
     def enqueue(self, item: Any, deadline: float) -> None:
-        try:
-            self.queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full as exc:
-            raise DeadlineExceeded(f"send queue to {self.target} full until the deadline") from exc
+        while self.queue.qsize() >= self.max_queued:
+            # Only a stalled data thread gets here (see max_queued); wait for it to catch up.
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"send queue to {self.target} full until the deadline")
+            time.sleep(0.001)
+        self.queue.put(item)
 
     def _run(self) -> None:
         sender = self.sender
@@ -479,10 +485,7 @@ class _Peer:
     def close(self) -> None:
         """Stop the data thread (if any) and close the sockets. Called by the sender only."""
         if self.thread is not None:
-            try:
-                self.queue.put(_STOP, timeout=1.0)
-            except queue.Full:
-                self.broken = self.broken or "closed"
+            self.queue.put(_STOP)
             self.thread.join(timeout=5)
         self._close_sockets()
 
