@@ -1,10 +1,15 @@
 """``lmcache-disagg bench transfer``: the channel against its raw baseline, in the same run.
 
-Two processes: this one sends, a spawned child receives (and releases each transfer as soon as it
-completes, like D's connector would). For ``--channel tcp`` the baseline is a plain socket pair
-(``sendall`` / ``recv_into`` with ``MSG_WAITALL``) moving the same bytes in the same chunk size; for
-``--channel nixl`` it is a bare NIXL WRITE loop between two agents with the same chunk size and
-in-flight depth. Prints GB/s of both, the ratio, and chunks/s.
+Two sessions stay up for the whole run, each a sender here and a receiver in a spawned child
+(the channel's receiver releases each transfer as soon as it completes, as D's connector would):
+
+- the channel: a KVSender pushing to a KVReceiver;
+- the baseline: for ``--channel tcp`` a plain socket pair (``sendall`` / ``recv_into`` with
+  ``MSG_WAITALL``) moving the same bytes in the same chunk size; for ``--channel nixl`` a bare
+  NIXL WRITE loop between two agents with the same chunk size and in-flight depth.
+
+Each round is one burst of each, in alternating order, so both sample the shared machine at
+nearly the same moments. It prints GB/s of both, chunks/s, and the median per-round ratio.
 
 By default each end runs on its own half of the CPUs (like ``iperf3 -A``), the baseline as much
 as the channel: in a real deployment P and D are different hosts, and on a small box the
@@ -15,6 +20,7 @@ scheduler moving the two ends' threads across the same CPUs costs more than what
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -22,6 +28,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -113,16 +120,11 @@ def _pin_self(cpus: CpuSet) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-# -- channel run ---------------------------------------------------------------------------------
+# -- channel session -----------------------------------------------------------------------------
 
 
 def _channel_receiver(
-    conn: Connection,
-    channel: str,
-    chunk_bytes: int,
-    pool_pages: int,
-    n_transfers: int,
-    cpus: CpuSet,
+    conn: Connection, channel: str, chunk_bytes: int, pool_pages: int, cpus: CpuSet
 ) -> None:
     _pin_self(cpus)
     from lmcache_disagg.transfer.receiver import KVReceiver
@@ -132,81 +134,92 @@ def _channel_receiver(
     rx.start()
     try:
         conn.send((rx.endpoint, rx.channel_kind))
-        for i in range(n_transfers):
-            tid = f"bench-{i}"
-            while True:
-                state = rx.wait(tid, 1.0).state
-                if state is RecvState.COMPLETE:
-                    break
-                if state is RecvState.FAILED:
-                    conn.send(("failed", tid, rx.poll(tid).reason))
-                    return
-            rx.release(tid)
-        conn.send(("ok", rx.metrics.failures("checksum")))
-        conn.recv()
+        # One message per burst: (burst id, transfers to expect); None ends the session.
+        while (order := conn.recv()) is not None:
+            burst, n_transfers = order
+            for i in range(n_transfers):
+                tid = f"bench-{burst}-{i}"
+                while True:
+                    state = rx.wait(tid, 1.0).state
+                    if state is RecvState.COMPLETE:
+                        break
+                    if state is RecvState.FAILED:
+                        conn.send(("failed", tid, rx.poll(tid).reason))
+                        return
+                rx.release(tid)
+            conn.send(("ok", rx.metrics.failures("checksum")))
     finally:
         rx.shutdown()
 
 
-def _run_channel(
-    channel: str, chunk_bytes: int, n_chunks: int, per_transfer: int, pin: bool = True
-) -> dict[str, Any]:
-    tx_cpus, rx_cpus = cpu_split(pin)
-    with _pinned(tx_cpus):
-        return _run_channel_pinned(channel, chunk_bytes, n_chunks, per_transfer, rx_cpus)
+class _ChannelSession:
+    """A KVSender here and a KVReceiver in a child process, kept up across bursts."""
 
+    def __init__(
+        self, channel: str, chunk_bytes: int, n_chunks: int, per_transfer: int, rx_cpus: CpuSet
+    ) -> None:
+        from lmcache_disagg.transfer.sender import KVSender
 
-def _run_channel_pinned(
-    channel: str, chunk_bytes: int, n_chunks: int, per_transfer: int, rx_cpus: CpuSet
-) -> dict[str, Any]:
-    from lmcache_disagg.transfer.sender import KVSender
-    from lmcache_disagg.transfer.state import PushState
+        self.chunk_bytes = chunk_bytes
+        self.per_transfer = min(per_transfer, n_chunks)
+        n_transfers = math.ceil(n_chunks / self.per_transfer)
+        self.in_flight = min(_in_flight_transfers(chunk_bytes, self.per_transfer), n_transfers)
+        pool_pages = self.per_transfer * self.in_flight * 2
+        send_pages = min(_send_pages(chunk_bytes), n_chunks + 1)
+        self.bursts = 0
+        self.checksum_failures = 0
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_channel_receiver,
+            args=(child, channel, chunk_bytes, pool_pages, rx_cpus),
+            name="lmcd-bench-rx",
+        )
+        self.proc.start()
+        self.tx = KVSender(
+            _config(channel, chunk_bytes, pool_pages, send_pages), _fingerprint(chunk_bytes)
+        )
+        try:
+            self.tx.start()
+            if not self.conn.poll(120):
+                raise SystemExit("receiver did not start")
+            self.endpoint, self.receiver_kind = self.conn.recv()
+            self.tx.send_pool.pages.random_(0, 255)
+            # Handshake and connection set-up are not part of any measurement.
+            self.burst(1)
+            self.kind = self.tx.channel_for(self.endpoint)
+        except BaseException:
+            self.close()
+            raise
 
-    n_transfers = math.ceil(n_chunks / per_transfer)
-    per_transfer = min(per_transfer, n_chunks)
-    in_flight = min(_in_flight_transfers(chunk_bytes, per_transfer), n_transfers)
-    pool_pages = per_transfer * in_flight * 2
-    send_pages = min(_send_pages(chunk_bytes), n_chunks + 1)
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(
-        target=_channel_receiver,
-        args=(child, channel, chunk_bytes, pool_pages, n_transfers, rx_cpus),
-        name="lmcd-bench-rx",
-    )
-    proc.start()
-    tx = KVSender(_config(channel, chunk_bytes, pool_pages, send_pages), _fingerprint(chunk_bytes))
-    tx.start()
-    try:
-        if not parent.poll(120):
-            raise SystemExit("receiver did not start")
-        endpoint, rx_kind = parent.recv()
-        tx.send_pool.pages.random_(0, 255)
-        key = b"k" * 16
-        # Warm-up: handshake and connection set-up are not part of the measurement.
-        warm = tx.open(endpoint, "warmup", 1)
-        warm.write(0, tx.acquire_page(10), chunk_bytes, 1, key)
-        warm.finish()
-        while warm.status().state is PushState.PENDING:
-            time.sleep(0.001)
-        kind = tx.channel_for(endpoint)
+    def burst(self, n_chunks: int) -> float:
+        """Push ``n_chunks`` chunks; seconds from the first reservation to the last ack."""
+        from lmcache_disagg.transfer.state import PushState
+
+        tx, chunk_bytes, key = self.tx, self.chunk_bytes, b"k" * 16
+        counts = [
+            min(self.per_transfer, n_chunks - start)
+            for start in range(0, n_chunks, self.per_transfer)
+        ]
+        burst = self.bursts
+        self.bursts += 1
+        self.conn.send((burst, len(counts)))
         # Like the connector, reservations are opened on their own thread ahead of the writes,
         # so a control round trip never stalls the data path; at most ``in_flight`` transfers
         # are reserved and unacknowledged at a time.
-        slots = threading.Semaphore(in_flight)
+        slots = threading.Semaphore(self.in_flight)
         opened: queue.Queue[Any] = queue.Queue()
-        counts = [min(per_transfer, n_chunks - t * per_transfer) for t in range(n_transfers)]
 
         def opener() -> None:
             for t, count in enumerate(counts):
                 slots.acquire()
                 try:
-                    opened.put(tx.open(endpoint, f"bench-{t}", count))
+                    opened.put(tx.open(self.endpoint, f"bench-{burst}-{t}", count))
                 except Exception as exc:
                     opened.put(exc)
                     return
 
-        pending: list[Any] = []
+        pending: collections.deque[Any] = collections.deque()
         done: list[Any] = []
 
         def reap(block: bool) -> None:
@@ -214,7 +227,7 @@ def _run_channel_pinned(
                 status = pending[0].wait(0.05) if block else pending[0].status()
                 if status.state is PushState.PENDING:
                     return
-                done.append(pending.pop(0))
+                done.append(pending.popleft())
                 slots.release()
 
         thread = threading.Thread(target=opener, name="lmcd-bench-opener", daemon=True)
@@ -236,36 +249,30 @@ def _run_channel_pinned(
             reap(block=False)
         while pending:
             reap(block=True)
-        thread.join(10)
         elapsed = time.perf_counter() - started
+        thread.join(10)
         failed = [p.status() for p in done if p.status().state is not PushState.DONE]
-        if not parent.poll(60):
+        if not self.conn.poll(60):
             raise SystemExit("receiver did not report")
-        report = parent.recv()
-        parent.send("bye")
+        report = self.conn.recv()
         if failed or report[0] != "ok":
             raise SystemExit(f"bench transfer failed: {failed or report}")
-    finally:
-        tx.shutdown()
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-    return {
-        "kind": kind,
-        "receiver_kind": rx_kind,
-        "seconds": elapsed,
-        "checksum_failures": report[1],
-        "in_flight_transfers": in_flight,
-        "chunks_per_transfer": per_transfer,
-    }
+        self.checksum_failures = report[1]
+        return elapsed
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.tx.shutdown()
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 # -- raw baselines -------------------------------------------------------------------------------
 
 
-def _raw_tcp_receiver(
-    conn: Connection, port: int, chunk_bytes: int, n_chunks: int, cpus: CpuSet
-) -> None:
+def _raw_tcp_receiver(conn: Connection, port: int, chunk_bytes: int, cpus: CpuSet) -> None:
     _pin_self(cpus)
     from lmcache_disagg.transfer.pool import allocate_pages, host_view
 
@@ -273,53 +280,62 @@ def _raw_tcp_receiver(
     buf = allocate_pages(1, chunk_bytes, "cpu")
     view = host_view(buf)
     assert view is not None
+    count = bytearray(8)
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(n_chunks):
-            got = 0
-            while got < chunk_bytes:
-                k = sock.recv_into(view[got:], chunk_bytes - got, socket.MSG_WAITALL)
-                if k == 0:
-                    return
-                got += k
-        sock.sendall(b"!")
+        # Each burst: an 8-byte chunk count, the chunks, then one byte back.
+        while sock.recv_into(count, 8, socket.MSG_WAITALL) == 8:
+            for _ in range(int.from_bytes(count, "little")):
+                got = 0
+                while got < chunk_bytes:
+                    k = sock.recv_into(view[got:], chunk_bytes - got, socket.MSG_WAITALL)
+                    if k == 0:
+                        return
+                    got += k
+            sock.sendall(b"!")
 
 
-def _run_raw_tcp(chunk_bytes: int, n_chunks: int, pin: bool = True) -> float:
-    tx_cpus, rx_cpus = cpu_split(pin)
-    with _pinned(tx_cpus):
-        return _run_raw_tcp_pinned(chunk_bytes, n_chunks, rx_cpus)
+class _RawTcpSession:
+    """A plain socket pair: ``sendall`` of one buffer, ``recv_into`` with MSG_WAITALL."""
 
+    def __init__(self, chunk_bytes: int, rx_cpus: CpuSet) -> None:
+        from lmcache_disagg.transfer.pool import allocate_pages, host_view
 
-def _run_raw_tcp_pinned(chunk_bytes: int, n_chunks: int, rx_cpus: CpuSet) -> float:
-    ctx = mp.get_context("spawn")
-    with socket.create_server(("127.0.0.1", 0)) as server:
+        ctx = mp.get_context("spawn")
+        self.server = socket.create_server(("127.0.0.1", 0))
         _parent, child = ctx.Pipe()
-        proc = ctx.Process(
+        self.proc = ctx.Process(
             target=_raw_tcp_receiver,
-            args=(child, server.getsockname()[1], chunk_bytes, n_chunks, rx_cpus),
+            args=(child, self.server.getsockname()[1], chunk_bytes, rx_cpus),
             name="lmcd-bench-raw",
         )
-        proc.start()
-        server.settimeout(120)
-        sock, _ = server.accept()
-        with sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            from lmcache_disagg.transfer.pool import allocate_pages, host_view
+        self.proc.start()
+        self.server.settimeout(120)
+        self.sock, _ = self.server.accept()
+        self.sock.settimeout(120)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pages = allocate_pages(1, chunk_bytes, "cpu")
+        self.pages.random_(0, 255)
+        payload = host_view(self.pages)
+        assert payload is not None
+        self.payload = payload
+        self.burst(1)
 
-            pages = allocate_pages(1, chunk_bytes, "cpu")
-            pages.random_(0, 255)
-            payload = host_view(pages)
-            assert payload is not None
-            sock.sendall(payload)  # warm-up chunk is part of n_chunks; timing starts after it
-            started = time.perf_counter()
-            for _ in range(n_chunks - 1):
-                sock.sendall(payload)
-            sock.settimeout(120)
-            sock.recv(1)
-            elapsed = time.perf_counter() - started
-        proc.join(30)
-    return elapsed * n_chunks / max(1, n_chunks - 1)
+    def burst(self, n_chunks: int) -> float:
+        started = time.perf_counter()
+        self.sock.sendall(n_chunks.to_bytes(8, "little"))
+        for _ in range(n_chunks):
+            self.sock.sendall(self.payload)
+        if self.sock.recv(1) != b"!":
+            raise SystemExit("raw TCP receiver went away")
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.sock.close()
+        self.server.close()
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int, cpus: CpuSet) -> None:
@@ -331,59 +347,69 @@ def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int, cpus: Cpu
     buf = allocate_pages(pages, chunk_bytes, "cpu")
     agent.register(buf)
     conn.send((agent.metadata(), agent.base_address))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if agent.get_new_notifs():
-            break
-        time.sleep(0.0005)
-    conn.send("done")
-    conn.recv()
-    agent.close()
-
-
-def _run_raw_nixl(chunk_bytes: int, n_chunks: int, depth: int, pin: bool = True) -> float:
-    tx_cpus, rx_cpus = cpu_split(pin)
-    with _pinned(tx_cpus):
-        return _run_raw_nixl_pinned(chunk_bytes, n_chunks, depth, rx_cpus)
-
-
-def _run_raw_nixl_pinned(chunk_bytes: int, n_chunks: int, depth: int, rx_cpus: CpuSet) -> float:
-    from lmcache_disagg.transfer.nixl_agent import NixlAgent
-    from lmcache_disagg.transfer.pool import allocate_pages
-
-    pages = max(2, depth)
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(
-        target=_raw_nixl_receiver,
-        args=(child, chunk_bytes, pages, rx_cpus),
-        name="lmcd-bench-raw",
-    )
-    proc.start()
-    agent = NixlAgent("lmcd-bench-raw-tx", ("UCX",))
-    local = allocate_pages(pages, chunk_bytes, "cpu")
-    local.random_(0, 255)
-    agent.register(local)
     try:
-        metadata, base = parent.recv()
-        remote = agent.add_remote(metadata)
+        # Report each burst's last notification; the parent closing the pipe ends the session.
+        while not conn.poll(0):
+            notifs = agent.get_new_notifs()
+            for batch in notifs.values():
+                for notif in batch:
+                    if notif.startswith(b"last"):
+                        conn.send(notif)
+            if not notifs:
+                time.sleep(0.0005)
+    finally:
+        agent.close()
 
-        def write(i: int, notif: bytes) -> Any:
-            slot = i % pages
-            return agent.write(
-                local_addr=agent.local_base + slot * chunk_bytes,
-                remote_addr=base + slot * chunk_bytes,
-                nbytes=chunk_bytes,
-                remote_agent=remote,
-                remote_mem="DRAM",
-                remote_dev=0,
-                notif=notif,
-            )
 
-        warm = write(0, b"w")
-        while agent.check(warm) == "PROC":
-            pass
-        agent.release_xfer(warm)
+class _RawNixlSession:
+    """Two bare NIXL agents: WRITE loop with ``depth`` in flight, a notification per WRITE."""
+
+    def __init__(self, chunk_bytes: int, depth: int, rx_cpus: CpuSet) -> None:
+        from lmcache_disagg.transfer.nixl_agent import NixlAgent
+        from lmcache_disagg.transfer.pool import allocate_pages
+
+        self.chunk_bytes = chunk_bytes
+        self.depth = depth
+        self.pages = max(2, depth)
+        self.bursts = 0
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_raw_nixl_receiver,
+            args=(child, chunk_bytes, self.pages, rx_cpus),
+            name="lmcd-bench-raw",
+        )
+        self.proc.start()
+        self.agent = NixlAgent("lmcd-bench-raw-tx", ("UCX",))
+        self.local = allocate_pages(self.pages, chunk_bytes, "cpu")
+        self.local.random_(0, 255)
+        self.agent.register(self.local)
+        try:
+            if not self.conn.poll(120):
+                raise SystemExit("raw NIXL receiver did not start")
+            metadata, self.remote_base = self.conn.recv()
+            self.remote = self.agent.add_remote(metadata)
+            self.burst(1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _write(self, i: int, notif: bytes) -> Any:
+        slot = i % self.pages
+        return self.agent.write(
+            local_addr=self.agent.local_base + slot * self.chunk_bytes,
+            remote_addr=self.remote_base + slot * self.chunk_bytes,
+            nbytes=self.chunk_bytes,
+            remote_agent=self.remote,
+            remote_mem="DRAM",
+            remote_dev=0,
+            notif=notif,
+        )
+
+    def burst(self, n_chunks: int) -> float:
+        agent, depth = self.agent, self.depth
+        last = b"last-%d" % self.bursts
+        self.bursts += 1
         started = time.perf_counter()
         inflight: list[Any] = []
         for i in range(n_chunks):
@@ -395,21 +421,74 @@ def _run_raw_nixl_pinned(chunk_bytes: int, n_chunks: int, depth: int, rx_cpus: C
                     else:
                         agent.release_xfer(x)
                 inflight = still
-            inflight.append(write(i, b"last" if i == n_chunks - 1 else b"c"))
+            inflight.append(self._write(i, last if i == n_chunks - 1 else b"c"))
         for x in inflight:
             while agent.check(x) == "PROC":
                 pass
             agent.release_xfer(x)
         elapsed = time.perf_counter() - started
-        parent.recv()
-        parent.send("bye")
-    finally:
-        agent.close()
-        proc.join(30)
-    return elapsed
+        if not self.conn.poll(60) or self.conn.recv() != last:
+            raise SystemExit("raw NIXL receiver did not see the burst's last WRITE")
+        return elapsed
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.agent.close()
 
 
 # -- entry point ---------------------------------------------------------------------------------
+
+
+def _measure(
+    args: argparse.Namespace, chunk_bytes: int, n_chunks: int, per_transfer: int
+) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Alternate raw and channel bursts over sessions that stay up, so both sample the same
+    (noisy, shared) machine at nearly the same moments; returns per-round times and info."""
+    tx_cpus, rx_cpus = cpu_split(args.pin)
+    moved = n_chunks * chunk_bytes
+    rounds: list[dict[str, float]] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_pinned(tx_cpus))
+        raw: _RawTcpSession | _RawNixlSession
+        if args.channel == "tcp":
+            raw = _RawTcpSession(chunk_bytes, rx_cpus)
+        else:
+            # as many WRITEs in flight as the channel has staging pages
+            raw = _RawNixlSession(chunk_bytes, min(_send_pages(chunk_bytes), n_chunks + 1), rx_cpus)
+        stack.callback(raw.close)
+        channel = _ChannelSession(args.channel, chunk_bytes, n_chunks, per_transfer, rx_cpus)
+        stack.callback(channel.close)
+        for r in range(max(1, args.rounds)):
+            # Alternate who goes first, so a drift in the machine's speed favours neither.
+            if r % 2:
+                channel_s = channel.burst(n_chunks)
+                raw_s = raw.burst(n_chunks)
+            else:
+                raw_s = raw.burst(n_chunks)
+                channel_s = channel.burst(n_chunks)
+            rounds.append({"raw_s": raw_s, "channel_s": channel_s, "ratio": raw_s / channel_s})
+            print(
+                f"  round {len(rounds)}: channel {moved / channel_s / 1e9:.2f} GB/s "
+                f"({n_chunks / channel_s:.0f} chunks/s), raw {moved / raw_s / 1e9:.2f} GB/s, "
+                f"ratio {raw_s / channel_s:.1%}",
+                flush=True,
+            )
+    info = {
+        "kind": channel.kind,
+        "receiver_kind": channel.receiver_kind,
+        "checksum_failures": channel.checksum_failures,
+        "in_flight_transfers": channel.in_flight,
+        "chunks_per_transfer": channel.per_transfer,
+        "cpus": {
+            "sender": sorted(tx_cpus) if tx_cpus else "any",
+            "receiver": sorted(rx_cpus) if rx_cpus else "any",
+        },
+    }
+    return rounds, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,11 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--total",
         default=None,
-        help="bytes to move per run (default: 4GiB, or 16384 chunks for chunks under 1MiB)",
+        help="bytes per burst (default: 4GiB, or 16384 chunks for chunks under 1MiB)",
     )
     parser.add_argument("--chunks-per-transfer", type=int, default=None)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating baseline/channel rounds (noise)"
+        "--rounds",
+        type=int,
+        default=7,
+        help="rounds of one baseline and one channel burst each (the machine is noisy)",
     )
     parser.add_argument(
         "--no-pin",
@@ -442,61 +524,46 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--chunk-bytes must be an even number of bytes >= 2, got {chunk_bytes}")
     if args.chunks_per_transfer is not None and args.chunks_per_transfer < 1:
         parser.error("--chunks-per-transfer must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     if args.total is None:
         total = 4 << 30 if chunk_bytes >= _MIB else chunk_bytes * 16384
     n_chunks = max(2, total // chunk_bytes)
     per_transfer = args.chunks_per_transfer or max(1, min(64, (64 * _MIB) // chunk_bytes))
     per_transfer = min(per_transfer, n_chunks)
     moved = n_chunks * chunk_bytes
-    tx_cpus, rx_cpus = cpu_split(args.pin)
-    rounds = []
-    run: dict[str, Any] = {}
-    for _ in range(max(1, args.rounds)):
-        if args.channel == "tcp":
-            raw = _run_raw_tcp(chunk_bytes, n_chunks, args.pin)
-        else:
-            # as many WRITEs in flight as the channel has staging pages
-            depth = min(_send_pages(chunk_bytes), n_chunks + 1)
-            raw = _run_raw_nixl(chunk_bytes, n_chunks, depth, args.pin)
-        run = _run_channel(args.channel, chunk_bytes, n_chunks, per_transfer, args.pin)
-        rounds.append({"raw_s": raw, "channel_s": run["seconds"], "ratio": raw / run["seconds"]})
-        print(
-            f"  round {len(rounds)}: channel {moved / run['seconds'] / 1e9:.2f} GB/s "
-            f"({n_chunks / run['seconds']:.0f} chunks/s), raw {moved / raw / 1e9:.2f} GB/s, "
-            f"ratio {raw / run['seconds']:.1%}",
-            flush=True,
-        )
-    best_channel = min(r["channel_s"] for r in rounds)
-    best_raw = min(r["raw_s"] for r in rounds)
+    rounds, info = _measure(args, chunk_bytes, n_chunks, per_transfer)
+    channel_times = sorted(r["channel_s"] for r in rounds)
+    raw_times = sorted(r["raw_s"] for r in rounds)
     ratios = sorted(r["ratio"] for r in rounds)
     result = {
         "bench": "transfer",
         "channel": args.channel,
-        "channel_used": run["kind"],
+        "channel_used": info["kind"],
+        "receiver_kind": info["receiver_kind"],
         "chunk_bytes": chunk_bytes,
         "chunks": n_chunks,
         "total_bytes": moved,
         "rounds": len(rounds),
-        "channel_gbps": moved / best_channel / 1e9,
-        "raw_gbps": moved / best_raw / 1e9,
-        "ratio": ratios[len(ratios) // 2],
-        "ratio_best_vs_best": best_raw / best_channel,
-        "channel_chunks_per_s": n_chunks / best_channel,
-        "raw_chunks_per_s": n_chunks / best_raw,
+        "channel_gbps": moved / channel_times[0] / 1e9,
+        "raw_gbps": moved / raw_times[0] / 1e9,
+        "ratio": statistics.median(ratios),
+        "ratio_best_vs_best": raw_times[0] / channel_times[0],
+        "channel_chunks_per_s": n_chunks / channel_times[0],
+        "channel_chunks_per_s_median": n_chunks / statistics.median(channel_times),
+        "raw_chunks_per_s": n_chunks / raw_times[0],
         "per_round": rounds,
-        "checksum_failures": run["checksum_failures"],
-        "chunks_per_transfer": per_transfer,
-        "in_flight_transfers": run["in_flight_transfers"],
-        "cpus": {
-            "sender": sorted(tx_cpus) if tx_cpus else "any",
-            "receiver": sorted(rx_cpus) if rx_cpus else "any",
-        },
+        "checksum_failures": info["checksum_failures"],
+        "chunks_per_transfer": info["chunks_per_transfer"],
+        "in_flight_transfers": info["in_flight_transfers"],
+        "cpus": info["cpus"],
     }
     print(
-        f"{args.channel} ({run['kind']}), best of {len(rounds)}: "
-        f"{result['channel_gbps']:.2f} GB/s, {result['channel_chunks_per_s']:.0f} chunks/s | "
-        f"raw baseline {result['raw_gbps']:.2f} GB/s | median per-round ratio "
-        f"{result['ratio']:.1%} ({n_chunks} chunks of {chunk_bytes} bytes)"
+        f"{args.channel} ({info['kind']}), best of {len(rounds)}: "
+        f"{result['channel_gbps']:.2f} GB/s, {result['channel_chunks_per_s']:.0f} chunks/s "
+        f"(median {result['channel_chunks_per_s_median']:.0f}) | raw baseline "
+        f"{result['raw_gbps']:.2f} GB/s | median per-round ratio {result['ratio']:.1%} "
+        f"({n_chunks} chunks of {chunk_bytes} bytes per burst)"
     )
     if args.json:
         print(json.dumps(result))
