@@ -18,11 +18,14 @@ __all__ = ["NixlAgent"]
 
 
 class NixlAgent:
-    def __init__(self, name: str, backends: Sequence[str]) -> None:
+    def __init__(self, name: str, backends: Sequence[str], progress_thread: bool = False) -> None:
+        """``progress_thread``: NIXL's own; without it the caller's check/notification polls
+        make progress (see ``LMCacheDisaggConfig.nixl_progress_thread``)."""
         from nixl._api import nixl_agent, nixl_agent_config
 
         self.name = name
-        self._agent: Any = nixl_agent(name, nixl_agent_config(backends=list(backends)))
+        config = nixl_agent_config(enable_prog_thread=progress_thread, backends=list(backends))
+        self._agent: Any = nixl_agent(name, config)
         self._registered: Any = None
         self.local_base = 0
         self.base_address = 0

@@ -279,7 +279,11 @@ class KVReceiver:
         try:
             from lmcache_disagg.transfer.nixl_agent import NixlAgent
 
-            agent = NixlAgent(f"lmcd-rx-{secrets.token_hex(6)}", self.config.nixl_backends)
+            agent = NixlAgent(
+                f"lmcd-rx-{secrets.token_hex(6)}",
+                self.config.nixl_backends,
+                self.config.nixl_progress_thread,
+            )
             agent.register(self.pool.pages)
             return agent
         except Exception as exc:

@@ -693,7 +693,11 @@ class KVSender:
             try:
                 from lmcache_disagg.transfer.nixl_agent import NixlAgent
 
-                agent = NixlAgent(f"lmcd-tx-{secrets.token_hex(6)}", self.config.nixl_backends)
+                agent = NixlAgent(
+                    f"lmcd-tx-{secrets.token_hex(6)}",
+                    self.config.nixl_backends,
+                    self.config.nixl_progress_thread,
+                )
                 agent.register(self.send_pool.pages)
                 self._nixl = agent
             except Exception as exc:
