@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -20,6 +21,27 @@ def test_bench_prints_one_json_object_last(
     assert result["channel_used"] == channel and result["chunks"] == 8
     assert result["channel_gbps"] > 0 and result["raw_gbps"] > 0
     assert result["checksum_failures"] == 0
+    assert result["rounds"] == 1 and len(result["per_round"]) == 1
+
+
+def test_each_end_runs_on_its_own_cpus_unless_told_not_to(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--channel", "tcp", "--chunk-bytes", "64KiB", "--total", "1MiB", "--rounds", "2"]
+    assert main([*argv, "--json"]) == 0
+    pinned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cpus"]
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) >= 2:
+        assert pinned["sender"] and pinned["receiver"]
+        assert not set(pinned["sender"]) & set(pinned["receiver"])
+        assert set(pinned["sender"]) | set(pinned["receiver"]) == allowed
+    else:
+        assert pinned == {"sender": "any", "receiver": "any"}
+    # the bench hands the CPUs back: this process may use all of them again
+    assert os.sched_getaffinity(0) == allowed
+    assert main([*argv, "--no-pin", "--json"]) == 0
+    unpinned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cpus"]
+    assert unpinned == {"sender": "any", "receiver": "any"}
 
 
 @pytest.mark.parametrize(
@@ -30,6 +52,7 @@ def test_bench_prints_one_json_object_last(
         (["--chunk-bytes", "lots"], "expected a size"),
         (["--total", "xyz"], "expected a size"),
         (["--chunks-per-transfer", "0"], "--chunks-per-transfer must be >= 1"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
     ],
 )
 def test_bad_arguments_are_usage_errors(

@@ -171,3 +171,24 @@ def test_receiver_killed_mid_transfer_sender_errors_within_deadline(channel: str
             tx.open(endpoint, "after-death", 1)
     finally:
         tx.shutdown()
+
+
+def test_nixl_with_its_own_progress_thread_still_delivers() -> None:
+    """``nixl_progress_thread: true`` (off by default) on both ends: same bytes, same outcome."""
+    rx = KVReceiver(
+        make_config("nixl", pool_size=FP.page_bytes * 64, nixl_progress_thread=True), FP
+    )
+    rx.start()
+    try:
+        assert rx.channel_kind == "nixl"
+        transfers = make_transfers(random.Random(5), "prog", 4)
+        spec = sender_spec(rx.endpoint, "nixl", transfers, config={"nixl_progress_thread": True})
+        with peer_process(SENDER, spec) as child:
+            assert child.read_event()["channel"] == "nixl"
+            result = child.read_event()
+        assert result["errors"] == {}
+        assert all(state == ["DONE", ""] for state in result["results"].values()), result
+        assert_received(rx, transfers)
+        assert rx.occupancy() == 0
+    finally:
+        rx.shutdown()
