@@ -7,14 +7,21 @@ import os
 
 import pytest
 
+from lmcache_disagg.config import parse_size
 from lmcache_disagg.transfer.bench import main
 
 
-@pytest.mark.parametrize("channel", ["tcp", "nixl"])
+@pytest.mark.parametrize(
+    ("channel", "chunk"),
+    # 5 MiB chunks go out in 2 MiB slices over TCP, the last one partial; the receiver checks
+    # every chunk's checksum, and a failed one fails the bench.
+    [("tcp", "1MiB"), ("tcp", "5MiB"), ("nixl", "1MiB")],
+)
 def test_bench_prints_one_json_object_last(
-    channel: str, capsys: pytest.CaptureFixture[str]
+    channel: str, chunk: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--channel", channel, "--chunk-bytes", "1MiB", "--total", "8MiB", "--rounds", "1"]
+    total = parse_size(chunk) * 8
+    argv = ["--channel", channel, "--chunk-bytes", chunk, "--total", str(total), "--rounds", "1"]
     assert main([*argv, "--json"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
