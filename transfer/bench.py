@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from lmcache_disagg.config import parse_size
@@ -122,6 +123,13 @@ def _pinned(cpus: CpuSet) -> Iterator[None]:
 def _pin_self(cpus: CpuSet) -> None:
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
+
+
+def _stop_child(proc: BaseProcess) -> None:
+    """Wait for a session's child to exit on its own, and kill it if it does not."""
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
 
 
 # -- channel session -----------------------------------------------------------------------------
@@ -268,15 +276,13 @@ class _ChannelSession:
         with contextlib.suppress(OSError):
             self.conn.send(None)
         self.tx.shutdown()
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
+        _stop_child(self.proc)
 
 
 # -- raw baselines -------------------------------------------------------------------------------
 
 
-def _raw_tcp_receiver(conn: Connection, port: int, chunk_bytes: int, cpus: CpuSet) -> None:
+def _raw_tcp_receiver(port: int, chunk_bytes: int, cpus: CpuSet) -> None:
     _pin_self(cpus)
     from lmcache_disagg.transfer.pool import allocate_pages, host_view
 
@@ -307,10 +313,9 @@ class _RawTcpSession:
 
         ctx = mp.get_context("spawn")
         self.server = socket.create_server(("127.0.0.1", 0))
-        _parent, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=_raw_tcp_receiver,
-            args=(child, self.server.getsockname()[1], chunk_bytes, rx_cpus),
+            args=(self.server.getsockname()[1], chunk_bytes, rx_cpus),
             name="lmcd-bench-raw",
         )
         self.proc.start()
@@ -337,9 +342,7 @@ class _RawTcpSession:
     def close(self) -> None:
         self.sock.close()
         self.server.close()
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
+        _stop_child(self.proc)
 
 
 def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int, cpus: CpuSet) -> None:
@@ -438,9 +441,7 @@ class _RawNixlSession:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.send(None)
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
+        _stop_child(self.proc)
         self.agent.close()
 
 
