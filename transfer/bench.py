@@ -67,11 +67,14 @@ def _fingerprint(chunk_bytes: int) -> Any:
     )
 
 
-def _config(channel: str, chunk_bytes: int, pool_pages: int, send_pages: int) -> Any:
+def _config(
+    channel: str, chunk_bytes: int, pool_pages: int, send_pages: int, progress_thread: bool
+) -> Any:
     from lmcache_disagg.config import LMCacheDisaggConfig
 
     return LMCacheDisaggConfig(
         channel=channel,  # type: ignore[arg-type]
+        nixl_progress_thread=progress_thread,
         listen_port=0,
         pool_size=chunk_bytes * pool_pages,
         send_buffer_size=chunk_bytes * send_pages,
@@ -135,14 +138,12 @@ def _stop_child(proc: BaseProcess) -> None:
 # -- channel session -----------------------------------------------------------------------------
 
 
-def _channel_receiver(
-    conn: Connection, channel: str, chunk_bytes: int, pool_pages: int, cpus: CpuSet
-) -> None:
+def _channel_receiver(conn: Connection, config: Any, chunk_bytes: int, cpus: CpuSet) -> None:
     _pin_self(cpus)
     from lmcache_disagg.transfer.receiver import KVReceiver
     from lmcache_disagg.transfer.state import RecvState
 
-    rx = KVReceiver(_config(channel, chunk_bytes, pool_pages, 2), _fingerprint(chunk_bytes))
+    rx = KVReceiver(config, _fingerprint(chunk_bytes))
     rx.start()
     try:
         conn.send((rx.endpoint, rx.channel_kind))
@@ -168,7 +169,13 @@ class _ChannelSession:
     """A KVSender here and a KVReceiver in a child process, kept up across bursts."""
 
     def __init__(
-        self, channel: str, chunk_bytes: int, n_chunks: int, per_transfer: int, rx_cpus: CpuSet
+        self,
+        channel: str,
+        chunk_bytes: int,
+        n_chunks: int,
+        per_transfer: int,
+        rx_cpus: CpuSet,
+        progress_thread: bool,
     ) -> None:
         from lmcache_disagg.transfer.sender import KVSender
 
@@ -178,19 +185,18 @@ class _ChannelSession:
         self.in_flight = min(_in_flight_transfers(chunk_bytes, self.per_transfer), n_transfers)
         pool_pages = self.per_transfer * self.in_flight * 2
         send_pages = min(_send_pages(chunk_bytes), n_chunks + 1)
+        sizes = (channel, chunk_bytes, pool_pages)
         self.bursts = 0
         self.checksum_failures = 0
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=_channel_receiver,
-            args=(child, channel, chunk_bytes, pool_pages, rx_cpus),
+            args=(child, _config(*sizes, 2, progress_thread), chunk_bytes, rx_cpus),
             name="lmcd-bench-rx",
         )
         self.proc.start()
-        self.tx = KVSender(
-            _config(channel, chunk_bytes, pool_pages, send_pages), _fingerprint(chunk_bytes)
-        )
+        self.tx = KVSender(_config(*sizes, send_pages, progress_thread), _fingerprint(chunk_bytes))
         try:
             self.tx.start()
             if not self.conn.poll(120):
@@ -345,12 +351,14 @@ class _RawTcpSession:
         _stop_child(self.proc)
 
 
-def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int, cpus: CpuSet) -> None:
+def _raw_nixl_receiver(
+    conn: Connection, chunk_bytes: int, pages: int, cpus: CpuSet, progress_thread: bool
+) -> None:
     _pin_self(cpus)
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
     from lmcache_disagg.transfer.pool import allocate_pages
 
-    agent = NixlAgent("lmcd-bench-raw-rx", ("UCX",))
+    agent = NixlAgent("lmcd-bench-raw-rx", ("UCX",), progress_thread)
     buf = allocate_pages(pages, chunk_bytes, "cpu")
     agent.register(buf)
     conn.send((agent.metadata(), agent.base_address))
@@ -371,7 +379,9 @@ def _raw_nixl_receiver(conn: Connection, chunk_bytes: int, pages: int, cpus: Cpu
 class _RawNixlSession:
     """Two bare NIXL agents: WRITE loop with ``depth`` in flight, a notification per WRITE."""
 
-    def __init__(self, chunk_bytes: int, depth: int, rx_cpus: CpuSet) -> None:
+    def __init__(
+        self, chunk_bytes: int, depth: int, rx_cpus: CpuSet, progress_thread: bool
+    ) -> None:
         from lmcache_disagg.transfer.nixl_agent import NixlAgent
         from lmcache_disagg.transfer.pool import allocate_pages
 
@@ -383,11 +393,11 @@ class _RawNixlSession:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=_raw_nixl_receiver,
-            args=(child, chunk_bytes, self.pages, rx_cpus),
+            args=(child, chunk_bytes, self.pages, rx_cpus, progress_thread),
             name="lmcd-bench-raw",
         )
         self.proc.start()
-        self.agent = NixlAgent("lmcd-bench-raw-tx", ("UCX",))
+        self.agent = NixlAgent("lmcd-bench-raw-tx", ("UCX",), progress_thread)
         self.local = allocate_pages(self.pages, chunk_bytes, "cpu")
         self.local.random_(0, 255)
         self.agent.register(self.local)
@@ -463,9 +473,12 @@ def _measure(
             raw = _RawTcpSession(chunk_bytes, rx_cpus)
         else:
             # as many WRITEs in flight as the channel has staging pages
-            raw = _RawNixlSession(chunk_bytes, min(_send_pages(chunk_bytes), n_chunks + 1), rx_cpus)
+            depth = min(_send_pages(chunk_bytes), n_chunks + 1)
+            raw = _RawNixlSession(chunk_bytes, depth, rx_cpus, args.nixl_progress_thread)
         stack.callback(raw.close)
-        channel = _ChannelSession(args.channel, chunk_bytes, n_chunks, per_transfer, rx_cpus)
+        channel = _ChannelSession(
+            args.channel, chunk_bytes, n_chunks, per_transfer, rx_cpus, args.nixl_progress_thread
+        )
         stack.callback(channel.close)
         for r in range(max(1, args.rounds)):
             # Alternate who goes first, so a drift in the machine's speed favours neither.
@@ -524,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="let the scheduler place both ends (default: each end on its own half of the CPUs)",
     )
+    parser.add_argument(
+        "--nixl-progress-thread",
+        action="store_true",
+        help="start NIXL's own progress thread on every agent, the baseline's too (config "
+        "nixl_progress_thread; off by default)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args(argv)
     try:
@@ -568,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "chunks_per_transfer": info["chunks_per_transfer"],
         "in_flight_transfers": info["in_flight_transfers"],
         "cpus": info["cpus"],
+        "nixl_progress_thread": args.nixl_progress_thread,
     }
     print(
         f"{args.channel} ({info['kind']}), best of {len(rounds)}: "

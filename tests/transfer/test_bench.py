@@ -69,3 +69,13 @@ def test_bad_arguments_are_usage_errors(
         main(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_nixl_progress_thread_can_be_turned_on_for_both_sides(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--channel", "nixl", "--chunk-bytes", "1MiB", "--total", "4MiB", "--rounds", "1"]
+    assert main([*argv, "--nixl-progress-thread", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["nixl_progress_thread"] is True and result["channel_used"] == "nixl"
+    assert result["checksum_failures"] == 0
