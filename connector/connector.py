@@ -32,9 +32,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from lmcache_disagg.config import load_config
+from lmcache_disagg.connector.cache import cache_enabled
+from lmcache_disagg.connector.cache_plan import CachePlanner
+from lmcache_disagg.connector.lookup import LookupClient, lookup_address, lookup_timeout
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.scheduler import ConnectorScheduler
-from lmcache_disagg.connector.stats import LMCacheDisaggPromMetrics, LMCacheDisaggStats
+from lmcache_disagg.connector.stats import (
+    LMCacheDisaggPromMetrics,
+    LMCacheDisaggStats,
+    StatsRecorder,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -104,19 +111,38 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
         is_consumer = bool(transfer_config.is_kv_consumer)
         self.connector_scheduler: ConnectorScheduler | None = None
         self.connector_worker: ConnectorWorker | None = None
+        self.scheduler_stats = StatsRecorder()
+        use_cache = cache_enabled(self.config)
+        engine_id = str(transfer_config.engine_id or "engine")
         if role == KVConnectorRole.SCHEDULER:
-            if is_consumer and transfer_config.kv_load_failure_policy != "recompute":
+            loads = is_consumer or use_cache
+            if loads and transfer_config.kv_load_failure_policy != "recompute":
                 logger.warning(
                     "lmcache-disagg: setting kv_load_failure_policy=recompute (was %r): a failed "
                     "KV load must be recomputed, never fail the request",
                     transfer_config.kv_load_failure_policy,
                 )
                 transfer_config.kv_load_failure_policy = "recompute"
+            planner = None
+            if use_cache:
+                tp_size = vllm_config.parallel_config.tensor_parallel_size
+                client = LookupClient(
+                    [lookup_address(engine_id, rank) for rank in range(tp_size)],
+                    lookup_timeout(self.config),
+                )
+                planner = CachePlanner(
+                    client,
+                    block_size=int(vllm_config.cache_config.block_size),
+                    save_decode_cache=self.config.save_decode_cache,
+                    block_ids_of=self._block_ids_of,
+                    stats=self.scheduler_stats,
+                )
             self.connector_scheduler = ConnectorScheduler(
                 self.config,
                 is_producer=is_producer,
                 is_consumer=is_consumer,
                 block_ids_of=self._block_ids_of,
+                cache=planner,
             )
         else:
             from vllm.distributed.parallel_state import (
@@ -134,6 +160,9 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
                 tp_rank=get_tensor_model_parallel_rank(),
                 tp_size=get_tensor_model_parallel_world_size(),
                 use_mla=bool(vllm_config.model_config.use_mla),
+                lookup_address=lookup_address(engine_id, get_tensor_model_parallel_rank())
+                if use_cache
+                else None,
             )
 
     # ==============================================================================================
@@ -272,15 +301,20 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
         )
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """Once per step: what changed in our metrics (None when nothing did)."""
+        """Once per step: what changed in our metrics (None when nothing did).
+
+        The scheduler's (cache lookups) and each worker's are aggregated by vLLM.
+        """
         if self.connector_worker is None:
-            return None
+            return self.scheduler_stats.take()
         return self.connector_worker.take_stats()
 
     def shutdown(self) -> None:
         """Worker process exit: cancel pushes, free loads, stop the endpoints' threads."""
         if self.connector_worker is not None:
             self.connector_worker.shutdown()
+        if self.connector_scheduler is not None and self.connector_scheduler.cache is not None:
+            self.connector_scheduler.cache.close()
 
     # ==============================================================================================
     # Metrics (API server process)

@@ -1,0 +1,1 @@
+"""Benchmarks and their tooling (load generators, stub workers), apart from the product code."""
