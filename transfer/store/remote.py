@@ -51,6 +51,7 @@ _SCHEMES = {
 }
 # Children sets list at most this many candidates per parent for a sub-chunk match.
 _MAX_CHILDREN = 32
+_CLUSTER_RETRIES = 3
 # Extra wait on the caller's side beyond the in-loop deadline (loop scheduling).
 _GRACE = 0.25
 
@@ -96,6 +97,8 @@ class RemoteTier:
         self._thread: threading.Thread | None = None
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
+        self._init_lock: asyncio.Lock | None = None
+        self._initialized = False
         self._lock = threading.Condition()
         self._inflight = 0
         self._logged: set[str] = set()
@@ -137,6 +140,9 @@ class RemoteTier:
             "retry": Retry(NoBackoff(), 0),
         }
         if self.cluster:
+            # The cluster client re-reads the slot map and retries on a moved/closed node
+            # connection (e.g. while it first learns the topology); our deadline still bounds it.
+            common["retry"] = Retry(NoBackoff(), _CLUSTER_RETRIES)
             self._client = RedisCluster.from_url(
                 self.url, max_connections=self.max_connections, **common
             )
@@ -146,6 +152,7 @@ class RemoteTier:
             )
             self._client = aioredis.Redis(connection_pool=pool)
         self._slots = asyncio.Semaphore(self.max_connections)
+        self._init_lock = asyncio.Lock()
 
     def close(self, timeout: float) -> None:
         loop, thread = self._loop, self._thread
@@ -169,8 +176,14 @@ class RemoteTier:
 
     # -- calls -------------------------------------------------------------------------------
     async def _bounded(self, make: Callable[[], Awaitable[T]], timeout: float) -> T:
-        assert self._slots is not None
+        assert self._slots is not None and self._init_lock is not None
         async with asyncio.timeout(timeout):
+            if self.cluster and not self._initialized:
+                # One caller learns the slot map; concurrent first commands would race on it.
+                async with self._init_lock:
+                    if not self._initialized:
+                        await self._client.initialize()
+                        self._initialized = True
             async with self._slots:
                 return await make()
 
