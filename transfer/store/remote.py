@@ -1,8 +1,9 @@
 """L3: Redis / Valkey / Redis Cluster through redis-py's asyncio client, on our own loop thread.
 
 * One key per chunk, ``lmcd:<fingerprint digest hex>:<key hex>``, holding the whole record
-  (:mod:`.format`); one small set per parent, ``lmcd:<digest>:c:<parent hex>``, naming its
-  children so a lookup can match a chunk finer than whole keys. Both get ``remote_ttl``.
+  (:mod:`.format`); one small bounded list per parent, ``lmcd:<digest>:c:<parent hex>``, naming
+  its most recent children so a lookup can match a chunk finer than whole keys. Both get
+  ``remote_ttl``.
 * Concurrency is bounded (``remote_max_connections`` commands in flight, a bounded pool) and every
   call runs under ``remote_timeout``. Failures are misses, never exceptions: each is counted as
   a fault by reason (``timeout``, ``unavailable``, ``bad_size``, ``checksum``) and logged once
@@ -49,7 +50,7 @@ _SCHEMES = {
     "valkey+cluster": ("redis", True),
     "valkeys+cluster": ("rediss", True),
 }
-# Children sets list at most this many candidates per parent for a sub-chunk match.
+# A parent's children list keeps the most recent this many children (a bounded list).
 _MAX_CHILDREN = 32
 _CLUSTER_RETRIES = 3
 # Extra wait on the caller's side beyond the in-loop deadline (loop scheduling).
@@ -254,9 +255,8 @@ class RemoteTier:
         head_len = HEADER_SIZE + 4 * self._chunk_size
 
         async def listing() -> list[tuple[bytes, bytes | None]]:
-            members = await self._client.smembers(self.children_name(parent))
-            names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-            names = names[:_MAX_CHILDREN]
+            members = await self._client.lrange(self.children_name(parent), 0, _MAX_CHILDREN - 1)
+            names = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
             heads = await asyncio.gather(
                 *(self._client.getrange(self._namespace + n, 0, head_len - 1) for n in names)
             )
@@ -295,8 +295,10 @@ class RemoteTier:
         async def write() -> None:
             px = None if self.ttl is None else max(1, int(self.ttl * 1000))
             await self._client.set(self.key_name(key), record, px=px)
-            children = self.children_name(parent)
-            await self._client.sadd(children, key.hex())
+            children, member = self.children_name(parent), key.hex()
+            await self._client.lrem(children, 0, member)
+            await self._client.lpush(children, member)
+            await self._client.ltrim(children, 0, _MAX_CHILDREN - 1)
             if px is not None:
                 await self._client.pexpire(children, px)
 
