@@ -310,16 +310,25 @@ class DiskTier:
             self._fault("io_error", f"cannot list {self.directory}: {exc}")
         return files
 
+    def _rescan(self) -> None:
+        """Recount the directory and forget our files that another process deleted."""
+        files = self._scan()
+        present = {f.name for f in files}
+        with self._lock:
+            gone = [k for k in self._index if self.path_of(k).name not in present]
+        for key in gone:
+            self._forget(key)
+        with self._lock:
+            self._used = sum(f.size for f in files)
+            self._last_scan = time.monotonic()
+
     def _make_room(self, need: int) -> None:
         """Evict the oldest files of the directory (anyone's) until ``need`` more bytes fit."""
         now = time.monotonic()
         with self._lock:
             rescan = now - self._last_scan >= self._scan_interval
         if rescan:
-            total = sum(f.size for f in self._scan())
-            with self._lock:
-                self._used = total
-                self._last_scan = now
+            self._rescan()
         with self._lock:
             if self._used + need <= self.capacity_bytes:
                 return
