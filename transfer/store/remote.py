@@ -34,7 +34,7 @@ from lmcache_disagg.transfer.store.format import HEADER_SIZE, decode_header, hea
 from lmcache_disagg.transfer.store.metrics import StoreMetrics
 from lmcache_disagg.transfer.store.tier import Tier
 
-__all__ = ["RemoteTier", "normalize_remote_url"]
+__all__ = ["BACKOFF", "BACKOFF_REASON", "RemoteTier", "normalize_remote_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ _SCHEMES = {
 # A parent's children list keeps the most recent this many children (a bounded list).
 _MAX_CHILDREN = 32
 _CLUSTER_RETRIES = 3
+# Reads pause this long after the server timed out or was unreachable.
+BACKOFF = 1.0
+BACKOFF_REASON = "backoff"
 # Extra wait on the caller's side beyond the in-loop deadline (loop scheduling).
 _GRACE = 0.25
 
@@ -103,6 +106,7 @@ class RemoteTier:
         self._lock = threading.Condition()
         self._inflight = 0
         self._logged: set[str] = set()
+        self._down_until = 0.0
         # Bounds write-through commands submitted and not yet answered.
         self._put_slots = threading.BoundedSemaphore(max(1, 4 * max_connections))
 
@@ -191,19 +195,28 @@ class RemoteTier:
     def _call(
         self, make: Callable[[], Awaitable[T]], timeout: float | None = None
     ) -> tuple[T | None, str | None]:
-        """Run one bounded call from any thread: (result, None) or (None, fault reason)."""
+        """Run one bounded read from any thread: (result, None) or (None, fault reason).
+
+        After a timeout or an unreachable server, reads are skipped (reason ``backoff``, a miss
+        that is not a new fault) for ``BACKOFF`` seconds, so a hung server costs one deadline,
+        not one per lookup. Writes are always attempted."""
         loop = self._loop
         if loop is None:
             return None, "unavailable"
+        if time.monotonic() < self._down_until:
+            return None, BACKOFF_REASON
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
         future = asyncio.run_coroutine_threadsafe(self._bounded(make, limit), loop)
         try:
             return future.result(limit + _GRACE), None
         except concurrent.futures.TimeoutError:
             future.cancel()
-            return None, "timeout"
+            reason = "timeout"
         except Exception as exc:
-            return None, _reason_of(exc)
+            reason = _reason_of(exc)
+        if reason in ("timeout", "unavailable"):
+            self._down_until = time.monotonic() + BACKOFF
+        return None, reason
 
     def log_fault(self, reason: str, message: str) -> None:
         with self._lock:
@@ -228,7 +241,8 @@ class RemoteTier:
         started = time.monotonic()
         value, reason = self._call(lambda: self._client.get(self.key_name(key)), timeout)
         if reason is not None:
-            self._fault(reason, f"GET failed ({reason})")
+            if reason != BACKOFF_REASON:
+                self._fault(reason, f"GET failed ({reason})")
             return None, reason
         if value is None:
             return None, "missing"
@@ -246,7 +260,8 @@ class RemoteTier:
 
         result, reason = self._call(probe)
         if reason is not None or result is None:
-            self._fault(reason or "unavailable", f"EXISTS failed ({reason})")
+            if reason != BACKOFF_REASON:
+                self._fault(reason or "unavailable", f"EXISTS failed ({reason})")
             return [False] * len(keys)
         return result
 
@@ -264,7 +279,8 @@ class RemoteTier:
 
         result, reason = self._call(listing)
         if reason is not None or result is None:
-            self._fault(reason or "unavailable", f"children lookup failed ({reason})")
+            if reason != BACKOFF_REASON:
+                self._fault(reason or "unavailable", f"children lookup failed ({reason})")
             return []
         found: list[tuple[bytes, tuple[int, ...]]] = []
         for key, head in result:
