@@ -252,3 +252,34 @@ def test_disk_full_is_a_counted_fault_and_l1_keeps_serving(tiny_tmpfs: Path) -> 
         store.release(f"full{n}")
     assert drained(store)
     store.close()
+
+
+def test_two_tp_ranks_share_one_directory_limit(tmp_path: Path) -> None:
+    limit = 24 * FP.page_bytes
+    rank1 = LayoutFingerprint(
+        **{**{f: getattr(FP, f) for f in FP.__struct_fields__}, "tp_rank": 1, "tp_size": 2}
+    )
+    rank0 = LayoutFingerprint(**{**{f: getattr(FP, f) for f in FP.__struct_fields__}, "tp_size": 2})
+    stores = [
+        _open(
+            tmp_path,
+            fp,
+            max_local_disk_size=limit,
+            disk_scan_interval=0.0,
+            local_disk_fsync="always",
+        )
+        for fp in (rank0, rank1)
+    ]
+    for i in range(20):
+        for n, (store, _) in enumerate(stores):
+            fp = (rank0, rank1)[n]
+            store_prompt(store, tokens(CHUNK, start=1000 * i), root=root_of(fp))
+            assert store.flush(10.0)
+            total = sum(p.stat().st_size for p in _files(tmp_path))
+            assert total <= limit, f"{total} > {limit}"
+    indexed = 0
+    for store, _ in stores:
+        store.flush(10.0)
+        indexed += store.chunks(Tier.L2)
+        store.close()
+    assert 0 < indexed < 40  # each rank forgot the files the other one evicted

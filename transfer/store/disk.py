@@ -29,6 +29,7 @@ from pathlib import Path
 from lmcache_disagg.transfer.store.errors import RecordError
 from lmcache_disagg.transfer.store.format import (
     HEADER_SIZE,
+    Record,
     decode_header,
     header_tokens,
     verify_record,
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 _SUFFIX = ".kv"
 _TMP_SUFFIX = ".tmp"
+# A temp file younger than this is a write in progress and is not evicted.
+_TMP_GRACE = 60.0
 
 
 @dataclass(slots=True)
@@ -212,7 +215,7 @@ class DiskTier:
             return self._used
 
     # -- reads -------------------------------------------------------------------------------
-    def load(self, key: bytes) -> bytes:
+    def load(self, key: bytes) -> Record:
         """The verified record of ``key``. RecordError (``missing``, ``truncated``,
         ``checksum``, ``foreign``, ``bad_size``, ``io_error``) otherwise; a bad file is deleted."""
         if not self.contains(key):
@@ -229,14 +232,14 @@ class DiskTier:
             self._fault("io_error", f"cannot read {path}: {exc}")
             raise RecordError("io_error", str(exc)) from exc
         try:
-            verify_record(record, self._digest, self._chunk_size, self._bpt, key=key)
+            verified = verify_record(record, self._digest, self._chunk_size, self._bpt, key=key)
         except RecordError as exc:
             self._discard_path(path, key, exc.reason, str(exc))
             raise
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: the last to be evicted by age
         self._metrics.observe("load_seconds", Tier.L2, time.monotonic() - started)
-        return record
+        return verified
 
     def _discard_path(self, path: Path, key: bytes | None, reason: str, message: str) -> None:
         if key is not None:
@@ -307,25 +310,37 @@ class DiskTier:
             self._fault("io_error", f"cannot list {self.directory}: {exc}")
         return files
 
+    def _rescan(self) -> None:
+        """Recount the directory and forget our files that another process deleted."""
+        files = self._scan()
+        present = {f.name for f in files}
+        with self._lock:
+            gone = [k for k in self._index if self.path_of(k).name not in present]
+        for key in gone:
+            self._forget(key)
+        with self._lock:
+            self._used = sum(f.size for f in files)
+            self._last_scan = time.monotonic()
+
     def _make_room(self, need: int) -> None:
         """Evict the oldest files of the directory (anyone's) until ``need`` more bytes fit."""
         now = time.monotonic()
         with self._lock:
             rescan = now - self._last_scan >= self._scan_interval
         if rescan:
-            total = sum(f.size for f in self._scan())
-            with self._lock:
-                self._used = total
-                self._last_scan = now
+            self._rescan()
         with self._lock:
             if self._used + need <= self.capacity_bytes:
                 return
         files = sorted(self._scan(), key=lambda f: f.mtime)
         used = sum(f.size for f in files)
         evicted = 0
+        young = time.time() - _TMP_GRACE
         for item in files:
             if used + need <= self.capacity_bytes:
                 break
+            if item.name.endswith(_TMP_SUFFIX) and item.mtime > young:
+                continue  # a write in progress (ours or another rank's)
             try:
                 os.unlink(self.directory / item.name)
             except FileNotFoundError:

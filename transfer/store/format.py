@@ -33,6 +33,7 @@ __all__ = [
     "KEY_SIZE",
     "MAGIC",
     "RECORD_VERSION",
+    "Record",
     "RecordHeader",
     "decode_header",
     "encode_record",
@@ -124,14 +125,24 @@ def header_tokens(buf: bytes | memoryview, header: RecordHeader) -> tuple[int, .
     return tuple(np.frombuffer(buf[HEADER_SIZE:end], dtype="<u4").tolist())
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A verified record: its header, token ids, a view of its payload and the raw bytes."""
+
+    header: RecordHeader
+    token_ids: tuple[int, ...]
+    payload: memoryview
+    raw: bytes
+
+
 def verify_record(
-    buf: bytes | memoryview,
+    buf: bytes,
     digest: bytes,
     max_tokens: int,
     bytes_per_token: int,
     key: bytes | None = None,
-) -> tuple[RecordHeader, tuple[int, ...], memoryview]:
-    """Check a whole record; return its header, token ids and a view of its payload.
+) -> Record:
+    """Check a whole record; return it parsed (payload as a view of ``buf``).
 
     Raises :class:`RecordError` with reason ``truncated`` / ``bad_size`` (length disagrees with
     the header or the layout), ``foreign`` (magic, version, fingerprint or key) or ``checksum``.
@@ -151,4 +162,4 @@ def verify_record(
     if hasher.digest() != header.checksum:
         raise RecordError("checksum", "record checksum mismatch")
     tokens = header_tokens(view, header)
-    return header, tokens, view[HEADER_SIZE + header.num_tokens * _TOKEN_BYTES :]
+    return Record(header, tokens, view[HEADER_SIZE + header.num_tokens * _TOKEN_BYTES :], buf)

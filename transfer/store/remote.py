@@ -1,8 +1,9 @@
 """L3: Redis / Valkey / Redis Cluster through redis-py's asyncio client, on our own loop thread.
 
 * One key per chunk, ``lmcd:<fingerprint digest hex>:<key hex>``, holding the whole record
-  (:mod:`.format`); one small set per parent, ``lmcd:<digest>:c:<parent hex>``, naming its
-  children so a lookup can match a chunk finer than whole keys. Both get ``remote_ttl``.
+  (:mod:`.format`); one small bounded list per parent, ``lmcd:<digest>:c:<parent hex>``, naming
+  its most recent children so a lookup can match a chunk finer than whole keys. Both get
+  ``remote_ttl``.
 * Concurrency is bounded (``remote_max_connections`` commands in flight, a bounded pool) and every
   call runs under ``remote_timeout``. Failures are misses, never exceptions: each is counted as
   a fault by reason (``timeout``, ``unavailable``, ``bad_size``, ``checksum``) and logged once
@@ -33,7 +34,7 @@ from lmcache_disagg.transfer.store.format import HEADER_SIZE, decode_header, hea
 from lmcache_disagg.transfer.store.metrics import StoreMetrics
 from lmcache_disagg.transfer.store.tier import Tier
 
-__all__ = ["RemoteTier", "normalize_remote_url"]
+__all__ = ["BACKOFF", "BACKOFF_REASON", "RemoteTier", "normalize_remote_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,12 @@ _SCHEMES = {
     "valkey+cluster": ("redis", True),
     "valkeys+cluster": ("rediss", True),
 }
-# Children sets list at most this many candidates per parent for a sub-chunk match.
+# A parent's children list keeps the most recent this many children (a bounded list).
 _MAX_CHILDREN = 32
+_CLUSTER_RETRIES = 3
+# Reads pause this long after the server timed out or was unreachable.
+BACKOFF = 1.0
+BACKOFF_REASON = "backoff"
 # Extra wait on the caller's side beyond the in-loop deadline (loop scheduling).
 _GRACE = 0.25
 
@@ -96,9 +101,12 @@ class RemoteTier:
         self._thread: threading.Thread | None = None
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
+        self._init_lock: asyncio.Lock | None = None
+        self._initialized = False
         self._lock = threading.Condition()
         self._inflight = 0
         self._logged: set[str] = set()
+        self._down_until = 0.0
         # Bounds write-through commands submitted and not yet answered.
         self._put_slots = threading.BoundedSemaphore(max(1, 4 * max_connections))
 
@@ -137,6 +145,9 @@ class RemoteTier:
             "retry": Retry(NoBackoff(), 0),
         }
         if self.cluster:
+            # The cluster client re-reads the slot map and retries on a moved/closed node
+            # connection (e.g. while it first learns the topology); our deadline still bounds it.
+            common["retry"] = Retry(NoBackoff(), _CLUSTER_RETRIES)
             self._client = RedisCluster.from_url(
                 self.url, max_connections=self.max_connections, **common
             )
@@ -146,6 +157,7 @@ class RemoteTier:
             )
             self._client = aioredis.Redis(connection_pool=pool)
         self._slots = asyncio.Semaphore(self.max_connections)
+        self._init_lock = asyncio.Lock()
 
     def close(self, timeout: float) -> None:
         loop, thread = self._loop, self._thread
@@ -169,27 +181,42 @@ class RemoteTier:
 
     # -- calls -------------------------------------------------------------------------------
     async def _bounded(self, make: Callable[[], Awaitable[T]], timeout: float) -> T:
-        assert self._slots is not None
+        assert self._slots is not None and self._init_lock is not None
         async with asyncio.timeout(timeout):
+            if self.cluster and not self._initialized:
+                # One caller learns the slot map; concurrent first commands would race on it.
+                async with self._init_lock:
+                    if not self._initialized:
+                        await self._client.initialize()
+                        self._initialized = True
             async with self._slots:
                 return await make()
 
     def _call(
         self, make: Callable[[], Awaitable[T]], timeout: float | None = None
     ) -> tuple[T | None, str | None]:
-        """Run one bounded call from any thread: (result, None) or (None, fault reason)."""
+        """Run one bounded read from any thread: (result, None) or (None, fault reason).
+
+        After a timeout or an unreachable server, reads are skipped (reason ``backoff``, a miss
+        that is not a new fault) for ``BACKOFF`` seconds, so a hung server costs one deadline,
+        not one per lookup. Writes are always attempted."""
         loop = self._loop
         if loop is None:
             return None, "unavailable"
+        if time.monotonic() < self._down_until:
+            return None, BACKOFF_REASON
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
         future = asyncio.run_coroutine_threadsafe(self._bounded(make, limit), loop)
         try:
             return future.result(limit + _GRACE), None
         except concurrent.futures.TimeoutError:
             future.cancel()
-            return None, "timeout"
+            reason = "timeout"
         except Exception as exc:
-            return None, _reason_of(exc)
+            reason = _reason_of(exc)
+        if reason in ("timeout", "unavailable"):
+            self._down_until = time.monotonic() + BACKOFF
+        return None, reason
 
     def log_fault(self, reason: str, message: str) -> None:
         with self._lock:
@@ -214,7 +241,8 @@ class RemoteTier:
         started = time.monotonic()
         value, reason = self._call(lambda: self._client.get(self.key_name(key)), timeout)
         if reason is not None:
-            self._fault(reason, f"GET failed ({reason})")
+            if reason != BACKOFF_REASON:
+                self._fault(reason, f"GET failed ({reason})")
             return None, reason
         if value is None:
             return None, "missing"
@@ -232,7 +260,8 @@ class RemoteTier:
 
         result, reason = self._call(probe)
         if reason is not None or result is None:
-            self._fault(reason or "unavailable", f"EXISTS failed ({reason})")
+            if reason != BACKOFF_REASON:
+                self._fault(reason or "unavailable", f"EXISTS failed ({reason})")
             return [False] * len(keys)
         return result
 
@@ -241,9 +270,8 @@ class RemoteTier:
         head_len = HEADER_SIZE + 4 * self._chunk_size
 
         async def listing() -> list[tuple[bytes, bytes | None]]:
-            members = await self._client.smembers(self.children_name(parent))
-            names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-            names = names[:_MAX_CHILDREN]
+            members = await self._client.lrange(self.children_name(parent), 0, _MAX_CHILDREN - 1)
+            names = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
             heads = await asyncio.gather(
                 *(self._client.getrange(self._namespace + n, 0, head_len - 1) for n in names)
             )
@@ -251,7 +279,8 @@ class RemoteTier:
 
         result, reason = self._call(listing)
         if reason is not None or result is None:
-            self._fault(reason or "unavailable", f"children lookup failed ({reason})")
+            if reason != BACKOFF_REASON:
+                self._fault(reason or "unavailable", f"children lookup failed ({reason})")
             return []
         found: list[tuple[bytes, tuple[int, ...]]] = []
         for key, head in result:
@@ -282,8 +311,10 @@ class RemoteTier:
         async def write() -> None:
             px = None if self.ttl is None else max(1, int(self.ttl * 1000))
             await self._client.set(self.key_name(key), record, px=px)
-            children = self.children_name(parent)
-            await self._client.sadd(children, key.hex())
+            children, member = self.children_name(parent), key.hex()
+            await self._client.lrem(children, 0, member)
+            await self._client.lpush(children, member)
+            await self._client.ltrim(children, 0, _MAX_CHILDREN - 1)
             if px is not None:
                 await self._client.pexpire(children, px)
 

@@ -26,6 +26,7 @@ from lmcache_disagg.transfer.store.disk import DiskTier
 from lmcache_disagg.transfer.store.errors import CacheMiss, RecordError
 from lmcache_disagg.transfer.store.format import (
     KEY_SIZE,
+    Record,
     encode_record,
     fingerprint_digest,
     verify_record,
@@ -132,6 +133,7 @@ class ChunkStore:
         self._writer: threading.Thread | None = None
         self._started = False
         self._closed = False
+        self._expiry_logged = False
         self._publish_l1()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -421,7 +423,7 @@ class ChunkStore:
             chunks = list(lease.chunks)
         pages: list[torch.Tensor] = []
         for i, chunk in enumerate(chunks):
-            page = self._page_if_cached(lease_id, chunk.key)
+            page = self._page_if_cached(lease_id, i, chunk.key)
             if page is None:
                 if time.monotonic() >= deadline:
                     raise CacheMiss(i, "timeout", f"fetch passed its {timeout}s deadline")
@@ -429,11 +431,11 @@ class ChunkStore:
             pages.append(page)
         return pages
 
-    def _page_if_cached(self, lease_id: Hashable, key: bytes) -> torch.Tensor | None:
+    def _page_if_cached(self, lease_id: Hashable, index: int, key: bytes) -> torch.Tensor | None:
         with self._lock:
             lease = self._leases.get(lease_id)
             if lease is None:
-                raise CacheMiss(0, "lease_expired", f"lease {lease_id!r} expired during fetch")
+                raise CacheMiss(index, "lease_expired", f"lease {lease_id!r} expired during fetch")
             if key in lease.pages:
                 return lease.pages[key]
             if self._l1 is None:
@@ -456,23 +458,15 @@ class ChunkStore:
     ) -> torch.Tensor:
         started = time.monotonic()
         record, tier = self._read_lower(index, chunk, deadline)
-        try:
-            header, tokens, payload = verify_record(
-                record, self._digest, self._chunk_size, self._bpt, key=chunk.key
-            )
-        except RecordError as exc:
-            reason = "bad_size" if tier is Tier.L3 and exc.reason == "truncated" else exc.reason
-            self._metrics.count("faults", tier, reason=reason)
-            if tier is Tier.L3 and self._remote is not None:
-                self._remote.log_fault(reason, str(exc))
-            raise CacheMiss(index, reason, str(exc)) from exc
-        if tokens[: len(expected)] != expected:
+        header = record.header
+        if record.token_ids[: len(expected)] != expected:
             self._metrics.count("faults", tier, reason="mismatch")
             raise CacheMiss(index, "mismatch", "stored token ids differ from the prompt")
         self._metrics.count("read_bytes", tier, header.payload_len)
+        payload = np.frombuffer(record.payload, dtype=np.uint8)
         if self._l1 is None:
             page = torch.zeros(self._page_bytes, dtype=torch.uint8)
-            page[: header.payload_len].numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+            page[: header.payload_len].numpy()[:] = payload
             with self._lock:
                 lease = self._leases.get(lease_id)
                 if lease is None:
@@ -487,11 +481,15 @@ class ChunkStore:
         if slot is None:
             self._metrics.count("faults", Tier.L1, reason="no_room")
             raise CacheMiss(index, "no_room", "every L1 page is pinned")
-        page = self._l1.page(slot)
-        page[: header.payload_len].numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+        try:  # the reserved page is invisible to readers until commit
+            self._l1.page(slot)[: header.payload_len].numpy()[:] = payload
+        except BaseException:
+            with self._lock:
+                self._l1.abandon(slot)
+            raise
         with self._lock:
             lease = self._leases.get(lease_id)
-            self._l1.commit(slot, chunk.key, header.parent, tokens, header.payload_len)
+            self._l1.commit(slot, chunk.key, header.parent, record.token_ids, header.payload_len)
             self._metrics.count("promotions", tier)
             self._metrics.count("written_bytes", Tier.L1, header.payload_len)
             if tier is Tier.L3 and self._disk is not None and not self._disk.contains(chunk.key):
@@ -499,11 +497,11 @@ class ChunkStore:
                     _WriteJob(
                         chunk.key,
                         header.parent,
-                        tokens,
+                        record.token_ids,
                         header.payload_len,
                         to_disk=True,
                         to_remote=False,
-                        record=bytes(record),
+                        record=record.raw,
                     )
                 )
             self._publish_l1()
@@ -517,8 +515,9 @@ class ChunkStore:
         self._metrics.observe("load_seconds", tier, time.monotonic() - started)
         return result
 
-    def _read_lower(self, index: int, chunk: HitChunk, deadline: float) -> tuple[bytes, Tier]:
-        """The record of a chunk from L2, else L3; CacheMiss when neither serves it."""
+    def _read_lower(self, index: int, chunk: HitChunk, deadline: float) -> tuple[Record, Tier]:
+        """The verified record of a chunk from L2, else L3; CacheMiss when neither serves it.
+        A bad L2 file was deleted and counted by the disk tier; a bad L3 value is counted here."""
         reason = "missing"
         if self._disk is not None:
             try:
@@ -530,9 +529,18 @@ class ChunkStore:
             if remaining <= 0:
                 raise CacheMiss(index, "timeout")
             value, why = self._remote.get(chunk.key, remaining)
-            if value is not None:
-                return value, Tier.L3
-            reason = why
+            if value is None:
+                raise CacheMiss(index, why, f"chunk {index} is not in L3 ({why})")
+            try:
+                record = verify_record(
+                    value, self._digest, self._chunk_size, self._bpt, key=chunk.key
+                )
+            except RecordError as exc:
+                why = "bad_size" if exc.reason == "truncated" else exc.reason
+                self._metrics.count("faults", Tier.L3, reason=why)
+                self._remote.log_fault(why, str(exc))
+                raise CacheMiss(index, why, str(exc)) from exc
+            return record, Tier.L3
         raise CacheMiss(index, reason, f"chunk {index} is in no lower tier any more ({reason})")
 
     def release(self, lease_id: Hashable) -> None:
@@ -556,9 +564,9 @@ class ChunkStore:
         for lease_id in [k for k, v in self._leases.items() if v.deadline <= now]:
             self._release_locked(lease_id)
             self._metrics.count("faults", Tier.L1, reason="lease_expired")
-            logger.warning(
-                "chunk-store lease %r expired unreleased; its pins were dropped", lease_id
-            )
+            log = logger.debug if self._expiry_logged else logger.warning
+            self._expiry_logged = True
+            log("chunk-store lease %r expired unreleased; its pins were dropped", lease_id)
 
     # -- accounting --------------------------------------------------------------------------
     def pinned_chunks(self) -> int:
