@@ -63,6 +63,7 @@ COUNTERS = (
     "cache_tokens_loaded",
     "cache_tokens_stored",
     "cache_loads",
+    "cache_lookups",
 )
 REASON_COUNTERS = ("fallbacks", "push_failures", "cache_load_failures", "cache_store_skipped")
 GAUGES = (

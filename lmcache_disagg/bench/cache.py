@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--model-dir", default=None, help="default .models/bench-<layers>x<hidden>")
     parser.add_argument("--short", type=int, default=2048, help="tokens of the short prompts")
-    parser.add_argument("--long", type=int, default=8192, help="tokens of the long prompts")
+    parser.add_argument("--long", type=int, default=8000, help="tokens of the long prompts")
     parser.add_argument("--repeats", type=int, default=3, help="short prompts per measurement")
     parser.add_argument("--long-repeats", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -223,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     short = [[rng.randrange(3, VOCAB) for _ in range(args.short)] for _ in range(args.repeats)]
     long = [[rng.randrange(3, VOCAB) for _ in range(args.long)] for _ in range(args.long_repeats)]
     warmup = [[rng.randrange(3, VOCAB) for _ in range(300)]]
-    max_len = args.long + 2 * args.max_tokens + 256
     chat_len = args.system_tokens + args.rounds * (args.question_tokens + args.answer_tokens)
-    max_len = max(max_len, chat_len + 256)
+    max_len = min(spec.max_positions, max(args.long, chat_len) + args.max_tokens + 64)
     work = Path(tempfile.mkdtemp(prefix="lmcache-disagg-bench-cache-"))
     disk = work / "disk"
     disk.mkdir()

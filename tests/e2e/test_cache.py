@@ -9,8 +9,8 @@ One module-scoped run shares a few servers (each takes about a minute to start):
    file is corrupted and a request over it recomputes (a counted fault), output unchanged;
 4. W3, a fresh worker sharing the Redis (no disk, vLLM prefix caching on, few KV blocks): reuse
    from L3 alone, and from L1 after other traffic evicted the prefix from vLLM's own cache; it is
-   also the decode worker of a PD pair whose P has its own store: P's second request over a
-   shared prefix loads that prefix from P's store and computes only the new chunks.
+   also the decode worker of a PD pair whose P (prefix caching off) has its own store: P's second
+   request over a shared prefix loads that prefix from P's store and computes only the new chunks.
 
 Every output is token-identical to the plain run, and afterwards every pin, lease and pending
 load is back to 0.
@@ -44,7 +44,7 @@ from tests.e2e.utils import (
 
 pytestmark = pytest.mark.timeout(1800)
 
-BLOCK = 16
+BLOCK = 32
 MAX_TOKENS = 8
 EXTERNAL = "vllm:prompt_tokens_by_source_total"
 COMMON_ARGS = ("--block-size", str(BLOCK))
@@ -75,7 +75,7 @@ PROMPTS: dict[str, list[int]] = {
     "pd-b": prompt((1000, 111), (260, 113)),
     "poke": prompt((1, 114)),
 }
-FILLERS = [prompt((1500, 120 + i)) for i in range(3)]
+FILLERS = [prompt((1500, 120 + i)) for i in range(4)]
 
 
 def spec_of(name: str, tokens: list[int]) -> Spec:
@@ -262,7 +262,8 @@ def cache_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         kv = w3.spec.kv_transfer_config
         assert kv is not None
         d_kv = f"127.0.0.1:{kv['kv_connector_extra_config']['listen_port']}"
-        p = worker(tiny_model_dir, root / "p.log", 0, {}, (), role="kv_producer")
+        # P without vLLM's prefix caching: its reuse must come from its own store.
+        p = worker(tiny_model_dir, root / "p.log", 0, {}, NO_PREFIX_CACHING, role="kv_producer")
         run.logs["w3"], run.logs["p"] = w3.log_path, p.log_path
         proxy: Proxy | None = None
         try:
