@@ -170,3 +170,23 @@ def test_a_lookup_without_a_worker_times_out_to_zero() -> None:
         assert (found, error) == (0, "timeout")
     finally:
         client.close()
+
+
+def test_decode_chunks_are_stored_with_save_decode_cache(
+    cache: tuple[WorkerCache, LookupClient, StatsRecorder],
+) -> None:
+    worker_cache, client, stats = cache
+    prompt = list(range(100, 120))  # 16 + a partial prompt chunk of 4
+    answer = list(range(600, 612))  # decode completes chunk 1 at 32 tokens
+    meta = LMCacheDisaggMetadata(store_progress=[StoreProgress("d1", prompt, SRC_BLOCKS, 20, 20)])
+    worker_cache.on_metadata(meta)
+    worker_cache.after_forward()
+    meta = LMCacheDisaggMetadata(store_progress=[StoreProgress("d1", answer, SRC_BLOCKS, 32, 20)])
+    worker_cache.on_metadata(meta)
+    worker_cache.after_forward()
+    # 16 + the partial prompt chunk of 4 + the full chunk decode completed.
+    assert stats.snapshot()["c:cache_tokens_stored"] == 16 + 4 + 16
+    # The next turn (prompt + answer + a new question) finds all 32 tokens.
+    assert lookup(client, "t2#1", [*prompt, *answer, 7, 8, 9]) == 32
+    worker_cache.on_metadata(LMCacheDisaggMetadata(cache_releases=["t2#1"]))
+    assert_drained(worker_cache)

@@ -10,8 +10,9 @@ import pytest
 from lmcache_disagg.config import load_config
 from lmcache_disagg.connector.cache_plan import CachePlanner
 from lmcache_disagg.connector.lookup import LookupClient, LookupServer, lookup_address
+from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.params import PushParams, decode_params_for
-from lmcache_disagg.connector.protocol import LookupRequest
+from lmcache_disagg.connector.protocol import PROTOCOL_VERSION, LookupRequest
 from lmcache_disagg.connector.scheduler import ConnectorScheduler
 from lmcache_disagg.connector.stats import StatsRecorder
 from tests.connector.utils import CHUNK, FakeRequest, FakeSchedulerOutput
@@ -125,3 +126,48 @@ def test_prompt_chunks_are_stored_as_they_complete(
     assert sched.build_connector_meta(FakeSchedulerOutput({"r6": 1})).store_progress == []
     sched.request_finished(req)
     assert sched.build_connector_meta(FakeSchedulerOutput({})).store_dropped == []
+
+
+def test_with_tp_the_answer_is_the_minimum_over_ranks() -> None:
+    answers = [40, 24]
+    servers = []
+    addresses = [lookup_address(f"tp-{uuid.uuid4()}", rank) for rank in range(2)]
+    for rank, address in enumerate(addresses):
+        server = LookupServer(address, lambda request, n=answers[rank]: n)
+        server.start()
+        servers.append(server)
+    client = LookupClient(addresses, timeout=5.0)
+    try:
+        request = LookupRequest(PROTOCOL_VERSION, "r#1", list(range(48)), 47, 8)
+        assert client.lookup(request) == (24, "")
+    finally:
+        client.close()
+        for server in servers:
+            server.shutdown()
+
+
+def test_save_decode_cache_sends_the_decoded_tokens_too() -> None:
+    planner = CachePlanner(
+        LookupClient([lookup_address(f"none-{uuid.uuid4()}", 0)], timeout=0.1),
+        block_size=8,
+        save_decode_cache=True,
+        block_ids_of=lambda req_id: BLOCKS,
+        stats=StatsRecorder(),
+    )
+    try:
+        req = FakeRequest("d1", list(range(20)))
+        req.all_token_ids = [*range(20), 900, 901]  # type: ignore[attr-defined]
+        meta = LMCacheDisaggMetadata()
+        planner.after_alloc(req, 0, meta)
+        planner.progress(FakeSchedulerOutput({"d1": 20}), meta)
+        req.num_computed_tokens = 20
+        planner.progress(FakeSchedulerOutput({"d1": 1}), meta)
+        req.num_computed_tokens = 21
+        planner.progress(FakeSchedulerOutput({"d1": 1}), meta)
+        sent = [p.new_token_ids for p in meta.store_progress]
+        assert sent == [list(range(20)), [900], [901]]
+        assert not any(p.final for p in meta.store_progress)
+        planner.finished(req, meta)
+        assert meta.store_dropped == ["d1"]
+    finally:
+        planner.close()
