@@ -203,7 +203,13 @@ class CacheSaver:
         started = time.monotonic()
 
         def run() -> None:
-            gather(kv.caches, kv.layout, block_ids, start, end, out)
+            if out.device == kv.device:
+                gather(kv.caches, kv.layout, block_ids, start, end, out)
+                return
+            # GPU caches, host L1 page: gather on the device, then one copy down (copy stream).
+            staged = torch.empty(out.shape, dtype=out.dtype, device=kv.device)
+            gather(kv.caches, kv.layout, block_ids, start, end, staged)
+            out.copy_(staged, non_blocking=True)
 
         try:
             completion = self._copy.submit(run)
