@@ -91,6 +91,7 @@ def test_l3_alone_serves_a_shared_prefix_finer_than_a_chunk(redis_server: RedisS
     second = prefix + tokens(400, start=70_000)
     hit = _lookup(store, second, "sub", len(second) - 1)
     assert hit.num_tokens >= 1000 - BLOCK
+    assert hit.chunks[-1].tier is Tier.L3 and hit.chunks[-1].stored_tokens == 1000 - 3 * CHUNK
     _check(prefix, store.fetch("sub", 5.0), hit)
     store.release("sub")
     store.close()

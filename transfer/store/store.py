@@ -292,6 +292,7 @@ class ChunkStore:
         cs = self._chunk_size
         n_chunks = min(len(keys), -(-len(ids) // cs))
         found: list[tuple[bytes, Tier, int]] = []
+        child_stored: dict[bytes, int] = {}  # the partial-match child's own token count
         pinned: set[bytes] = set()
         walked = 0
         whole_end = True
@@ -333,7 +334,7 @@ class ChunkStore:
             parent = keys[i - 1] if i else root
             best = self._best_child(parent, ids[i * cs : i * cs + cs], pinned)
             if best is not None:
-                key, tier, common = best
+                key, tier, common, child_tokens = best
                 common -= common % block_size
                 if common > 0:
                     with self._lock:
@@ -341,9 +342,10 @@ class ChunkStore:
                             common = 0
                     if common > 0:
                         found.append((key, tier, common))
+                        child_stored[key] = child_tokens
                         walked += common
                         whole_end = False
-        hit = self._clip(found, max_tokens, block_size, whole_end)
+        hit = self._clip(found, max_tokens, block_size, whole_end, child_stored)
         with self._lock:
             kept = {c.key for c in hit.chunks}
             for key in list(pinned):
@@ -372,7 +374,7 @@ class ChunkStore:
 
     def _best_child(
         self, parent: bytes, wanted: list[int], pinned: set[bytes]
-    ) -> tuple[bytes, Tier, int] | None:
+    ) -> tuple[bytes, Tier, int, int] | None:
         """The stored child of ``parent`` sharing the longest token prefix with ``wanted``."""
         candidates: list[tuple[bytes, Tier, tuple[int, ...]]] = []
         with self._lock:
@@ -382,15 +384,20 @@ class ChunkStore:
             candidates += [(k, Tier.L2, t) for k, t in self._disk.children(parent)]
         if not any(_common_prefix(t, wanted) > 0 for _, _, t in candidates) and self._remote:
             candidates += [(k, Tier.L3, t) for k, t in self._remote.children(parent)]
-        best: tuple[bytes, Tier, int] | None = None
+        best: tuple[bytes, Tier, int, int] | None = None
         for key, tier, tokens in candidates:
             common = _common_prefix(tokens, wanted)
             if common > 0 and (best is None or common > best[2]):
-                best = (key, tier, common)
+                best = (key, tier, common, len(tokens))
         return best
 
     def _clip(
-        self, found: list[tuple[bytes, Tier, int]], max_tokens: int, block: int, whole_end: bool
+        self,
+        found: list[tuple[bytes, Tier, int]],
+        max_tokens: int,
+        block: int,
+        whole_end: bool,
+        stored: dict[bytes, int] | None = None,
     ) -> Hit:
         total = sum(n for _, _, n in found)
         final = min(total, max_tokens)
@@ -402,7 +409,7 @@ class ChunkStore:
             if left <= 0:
                 break
             take = min(n, left)
-            chunks.append(HitChunk(key, tier, take))
+            chunks.append(HitChunk(key, tier, take, (stored or {}).get(key, n)))
             left -= take
         return Hit(final, chunks)
 

@@ -24,6 +24,8 @@ class HitChunk:
     key: bytes
     tier: Tier
     num_tokens: int
+    stored_tokens: int = 0
+    """Tokens the stored chunk holds (its page layout depends on it); >= ``num_tokens``."""
 
 
 @dataclass(frozen=True, slots=True)
