@@ -34,7 +34,13 @@ from lmcache_disagg.transfer.store.format import HEADER_SIZE, decode_header, hea
 from lmcache_disagg.transfer.store.metrics import StoreMetrics
 from lmcache_disagg.transfer.store.tier import Tier
 
-__all__ = ["BACKOFF", "BACKOFF_REASON", "RemoteTier", "normalize_remote_url"]
+__all__ = [
+    "BACKOFF",
+    "BACKOFF_REASON",
+    "INFLIGHT_WRITE_BYTES",
+    "RemoteTier",
+    "normalize_remote_url",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ _SCHEMES = {
 # A parent's children list keeps the most recent this many children (a bounded list).
 _MAX_CHILDREN = 32
 _CLUSTER_RETRIES = 3
+# Records submitted to L3 and not yet acknowledged hold at most about this many bytes.
+INFLIGHT_WRITE_BYTES = 256 << 20
 # Reads pause this long after the server timed out or was unreachable.
 BACKOFF = 1.0
 BACKOFF_REASON = "backoff"
@@ -88,6 +96,7 @@ class RemoteTier:
         timeout: float = 0.5,
         max_connections: int = 16,
         ttl: float | None = None,
+        record_bytes: int = 1 << 20,
     ) -> None:
         self.url, self.cluster = normalize_remote_url(url, cluster)
         self.timeout = timeout
@@ -107,8 +116,10 @@ class RemoteTier:
         self._inflight = 0
         self._logged: set[str] = set()
         self._down_until = 0.0
-        # Bounds write-through commands submitted and not yet answered.
-        self._put_slots = threading.BoundedSemaphore(max(1, 4 * max_connections))
+        # Bounds write-through commands submitted and not yet answered; each holds a copy of its
+        # record, so the bound is in bytes too.
+        slots = min(2 * max_connections, max(1, INFLIGHT_WRITE_BYTES // max(1, record_bytes)))
+        self._put_slots = threading.BoundedSemaphore(max(1, slots))
 
     # -- names -------------------------------------------------------------------------------
     def key_name(self, key: bytes) -> str:

@@ -29,6 +29,7 @@ from lmcache_disagg.transfer.store.format import (
     Record,
     encode_record,
     fingerprint_digest,
+    record_size,
     verify_record,
 )
 from lmcache_disagg.transfer.store.l1 import L1Cache
@@ -125,6 +126,7 @@ class ChunkStore:
                 timeout=settings.remote_timeout,
                 max_connections=settings.remote_max_connections,
                 ttl=settings.remote_ttl,
+                record_bytes=record_size(self._chunk_size, self._page_bytes),
             )
         # Without L1, a few staging pages carry chunks to the lower tiers; they serve no lookup.
         self._staging: L1Cache | None = None
