@@ -312,3 +312,25 @@ def test_with_l1_off_chunks_go_through_staging_pages_to_disk(tmp_path: Path) -> 
         store.release(f"s{n}")
     assert drained(store) and store.leases() == 0
     store.close()
+
+
+def test_each_fault_reason_is_logged_once_and_counted_every_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompts = [tokens(CHUNK, start=5000 * i) for i in range(3)]
+    for prompt in prompts:
+        _write_prompt(tmp_path, prompt)
+    for path in _files(tmp_path):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x80
+        path.write_bytes(bytes(data))
+    store, metrics = _open(tmp_path)
+    with caplog.at_level("WARNING", logger="lmcache_disagg.transfer.store.disk"):
+        for n, prompt in enumerate(prompts):
+            _lookup(store, prompt, f"c{n}")
+            with pytest.raises(CacheMiss):
+                store.fetch(f"c{n}", 5.0)
+            store.release(f"c{n}")
+    assert metrics.total("faults", Tier.L2, reason="checksum") == 3
+    assert sum("checksum" in r.getMessage() for r in caplog.records) == 1
+    store.close()

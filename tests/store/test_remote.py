@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
@@ -157,8 +158,9 @@ def test_a_value_of_the_wrong_size_or_a_bad_checksum_is_a_counted_miss(
 
 
 def test_redis_stopped_mid_run_is_a_miss_and_the_store_keeps_serving(
-    redis_server: RedisServer,
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("WARNING", logger="lmcache_disagg.transfer.store.remote")
     store, metrics = _open(redis_server.url)
     first = tokens(CHUNK)
     store_prompt(store, first)
@@ -168,6 +170,11 @@ def test_redis_stopped_mid_run_is_a_miss_and_the_store_keeps_serving(
     store_prompt(store, later)  # write-through fails: counted, never raised
     store.flush(10.0)
     assert metrics.total("faults", Tier.L3, reason="unavailable") >= 1
+    for extra in range(5):  # more failed writes: counted, not logged again
+        store_prompt(store, tokens(CHUNK, start=200_000 + 1000 * extra))
+    store.flush(10.0)
+    assert metrics.total("faults", Tier.L3, reason="unavailable") >= 6
+    assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
     for n, prompt in enumerate((first, later)):  # L1 still serves both
         hit = _lookup(store, prompt, f"k{n}")
         assert hit.num_tokens == CHUNK
