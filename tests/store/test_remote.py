@@ -255,6 +255,21 @@ def test_a_real_three_node_cluster(redis_cluster: RedisCluster) -> None:
     store.close()
 
 
+def test_long_prompts_need_no_more_connections_than_the_pool(
+    redis_server: RedisServer, redis_cluster: RedisCluster
+) -> None:
+    prompt = tokens(40 * CHUNK)
+    for url, cluster in ((redis_server.url, False), (redis_cluster.url, True)):
+        written = _write(url, prompt, remote_cluster=cluster, remote_max_connections=2)
+        assert written.total("faults", Tier.L3) == 0
+        store, metrics = _open(url, remote_cluster=cluster, remote_max_connections=2)
+        hit = _lookup(store, prompt, "long")
+        assert hit.num_tokens == len(prompt)
+        store.release("long")
+        assert metrics.total("faults", Tier.L3) == 0
+        store.close()
+
+
 def test_rediss_with_a_self_signed_certificate(redis_tls_server: RedisServer) -> None:
     assert redis_tls_server.url.startswith("rediss://")
     prompt = tokens(CHUNK + 5)

@@ -246,6 +246,13 @@ class RemoteTier:
         self._metrics.count("faults", Tier.L3, reason=reason)
         self.log_fault(reason, what)
 
+    def _pipeline(self) -> Any:
+        """A non-transactional pipeline: one round trip per node for many single-key commands
+        (a cluster pipeline splits them by slot), and one connection each, not one per key."""
+        if self.cluster:
+            return self._client.pipeline()
+        return self._client.pipeline(transaction=False)
+
     # -- reads -------------------------------------------------------------------------------
     def get(self, key: bytes, timeout: float | None = None) -> tuple[bytes | None, str]:
         """The raw record of ``key`` (unverified), or (None, reason)."""
@@ -266,8 +273,10 @@ class RemoteTier:
             return []
 
         async def probe() -> list[bool]:
-            counts = await asyncio.gather(*(self._client.exists(self.key_name(k)) for k in keys))
-            return [bool(c) for c in counts]
+            pipe = self._pipeline()
+            for key in keys:
+                pipe.exists(self.key_name(key))
+            return [bool(c) for c in await pipe.execute()]
 
         result, reason = self._call(probe)
         if reason is not None or result is None:
@@ -283,9 +292,12 @@ class RemoteTier:
         async def listing() -> list[tuple[bytes, bytes | None]]:
             members = await self._client.lrange(self.children_name(parent), 0, _MAX_CHILDREN - 1)
             names = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-            heads = await asyncio.gather(
-                *(self._client.getrange(self._namespace + n, 0, head_len - 1) for n in names)
-            )
+            if not names:
+                return []
+            pipe = self._pipeline()
+            for name in names:
+                pipe.getrange(self._namespace + name, 0, head_len - 1)
+            heads = await pipe.execute()
             return [(bytes.fromhex(n), h) for n, h in zip(names, heads, strict=True)]
 
         result, reason = self._call(listing)
