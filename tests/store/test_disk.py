@@ -283,3 +283,54 @@ def test_two_tp_ranks_share_one_directory_limit(tmp_path: Path) -> None:
         indexed += store.chunks(Tier.L2)
         store.close()
     assert 0 < indexed < 40  # each rank forgot the files the other one evicted
+
+
+def test_with_l1_off_chunks_go_through_staging_pages_to_disk(tmp_path: Path) -> None:
+    store, metrics = _open(tmp_path, local_cpu=False)
+    assert store.enabled and Tier.L1 not in store.usage()
+    prompts = [tokens(CHUNK + 17, start=3000 * i) for i in range(12)]  # more than staging pages
+    for prompt in prompts:
+        root, parent = root_of(), root_of()
+        for i, key in enumerate(chain(root, prompt)):
+            ids = prompt[i * CHUNK : i * CHUNK + CHUNK]
+            deadline = time.monotonic() + 10.0
+            page = store.reserve_page()
+            while page is None and time.monotonic() < deadline:  # all staging pages in flight
+                time.sleep(0.01)
+                page = store.reserve_page()
+            assert page is not None
+            data = expected_bytes(prompt, i)
+            page[: data.numel()].copy_(data)
+            store.commit(page, key, parent, ids, data.numel())
+            parent = key
+    assert drained(store)
+    assert store.chunks(Tier.L2) == 24 and metrics.total("hits", Tier.L1) == 0
+    for n, prompt in enumerate(prompts):
+        hit = _lookup(store, prompt, f"s{n}")
+        assert hit.num_tokens == len(prompt) and {c.tier for c in hit.chunks} == {Tier.L2}
+        _check(prompt, store.fetch(f"s{n}", 5.0), hit)
+        store.release(f"s{n}")
+    assert drained(store) and store.leases() == 0
+    store.close()
+
+
+def test_each_fault_reason_is_logged_once_and_counted_every_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompts = [tokens(CHUNK, start=5000 * i) for i in range(3)]
+    for prompt in prompts:
+        _write_prompt(tmp_path, prompt)
+    for path in _files(tmp_path):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x80
+        path.write_bytes(bytes(data))
+    store, metrics = _open(tmp_path)
+    with caplog.at_level("WARNING", logger="lmcache_disagg.transfer.store.disk"):
+        for n, prompt in enumerate(prompts):
+            _lookup(store, prompt, f"c{n}")
+            with pytest.raises(CacheMiss):
+                store.fetch(f"c{n}", 5.0)
+            store.release(f"c{n}")
+    assert metrics.total("faults", Tier.L2, reason="checksum") == 3
+    assert sum("checksum" in r.getMessage() for r in caplog.records) == 1
+    store.close()

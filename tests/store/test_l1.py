@@ -176,6 +176,7 @@ def test_shared_1000_token_prefix_reuses_all_but_one_block() -> None:
     assert hit.num_tokens >= 1000 - BLOCK
     assert hit.num_tokens % BLOCK == 0 and hit.num_tokens <= 1000
     assert [c.num_tokens for c in hit.chunks][:3] == [CHUNK] * 3
+    assert [c.stored_tokens for c in hit.chunks] == [CHUNK, CHUNK, CHUNK, 232]
     pages = store.fetch("s", 5.0)
     _check_pages(prefix, pages, hit)
     store.release("s")
@@ -190,7 +191,7 @@ def test_sub_chunk_match_of_a_longer_stored_chunk_at_block_granularity() -> None
     second = tokens(CHUNK + 100) + tokens(CHUNK, start=80_000)  # chunk 1 shares 100 tokens
     hit = _lookup(store, second, "b")
     assert hit.num_tokens == CHUNK + 100 - 100 % BLOCK
-    assert hit.chunks[1].num_tokens == 96
+    assert hit.chunks[1].num_tokens == 96 and hit.chunks[1].stored_tokens == CHUNK
     store.release("b")
     store.close()
 

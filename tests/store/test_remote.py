@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
@@ -91,6 +92,7 @@ def test_l3_alone_serves_a_shared_prefix_finer_than_a_chunk(redis_server: RedisS
     second = prefix + tokens(400, start=70_000)
     hit = _lookup(store, second, "sub", len(second) - 1)
     assert hit.num_tokens >= 1000 - BLOCK
+    assert hit.chunks[-1].tier is Tier.L3 and hit.chunks[-1].stored_tokens == 1000 - 3 * CHUNK
     _check(prefix, store.fetch("sub", 5.0), hit)
     store.release("sub")
     store.close()
@@ -156,8 +158,9 @@ def test_a_value_of_the_wrong_size_or_a_bad_checksum_is_a_counted_miss(
 
 
 def test_redis_stopped_mid_run_is_a_miss_and_the_store_keeps_serving(
-    redis_server: RedisServer,
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("WARNING", logger="lmcache_disagg.transfer.store.remote")
     store, metrics = _open(redis_server.url)
     first = tokens(CHUNK)
     store_prompt(store, first)
@@ -167,6 +170,11 @@ def test_redis_stopped_mid_run_is_a_miss_and_the_store_keeps_serving(
     store_prompt(store, later)  # write-through fails: counted, never raised
     store.flush(10.0)
     assert metrics.total("faults", Tier.L3, reason="unavailable") >= 1
+    for extra in range(5):  # more failed writes: counted, not logged again
+        store_prompt(store, tokens(CHUNK, start=200_000 + 1000 * extra))
+    store.flush(10.0)
+    assert metrics.total("faults", Tier.L3, reason="unavailable") >= 6
+    assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
     for n, prompt in enumerate((first, later)):  # L1 still serves both
         hit = _lookup(store, prompt, f"k{n}")
         assert hit.num_tokens == CHUNK
@@ -245,6 +253,21 @@ def test_a_real_three_node_cluster(redis_cluster: RedisCluster) -> None:
     store.release("cl2")
     assert drained(store)
     store.close()
+
+
+def test_long_prompts_need_no_more_connections_than_the_pool(
+    redis_server: RedisServer, redis_cluster: RedisCluster
+) -> None:
+    prompt = tokens(40 * CHUNK)
+    for url, cluster in ((redis_server.url, False), (redis_cluster.url, True)):
+        written = _write(url, prompt, remote_cluster=cluster, remote_max_connections=2)
+        assert written.total("faults", Tier.L3) == 0
+        store, metrics = _open(url, remote_cluster=cluster, remote_max_connections=2)
+        hit = _lookup(store, prompt, "long")
+        assert hit.num_tokens == len(prompt)
+        store.release("long")
+        assert metrics.total("faults", Tier.L3) == 0
+        store.close()
 
 
 def test_rediss_with_a_self_signed_certificate(redis_tls_server: RedisServer) -> None:

@@ -45,6 +45,8 @@ _SUFFIX = ".kv"
 _TMP_SUFFIX = ".tmp"
 # A temp file younger than this is a write in progress and is not evicted.
 _TMP_GRACE = 60.0
+# Eviction frees 1/_HEADROOM of the limit beyond the bytes it needs.
+_HEADROOM = 32
 
 
 @dataclass(slots=True)
@@ -335,6 +337,8 @@ class DiskTier:
         files = sorted(self._scan(), key=lambda f: f.mtime)
         used = sum(f.size for f in files)
         evicted = 0
+        # Free a little more than needed, so a full directory is not rescanned on every write.
+        need = min(self.capacity_bytes, need + self.capacity_bytes // _HEADROOM)
         young = time.time() - _TMP_GRACE
         for item in files:
             if used + need <= self.capacity_bytes:

@@ -132,6 +132,14 @@ class L1Cache:
         entry.pins -= 1
         self._pins -= 1
 
+    def discard(self, key: bytes) -> bool:
+        """Drop an unpinned chunk now (its page becomes free); False if absent or pinned."""
+        entry = self._entries.get(key)
+        if entry is None or entry.pins:
+            return False
+        self._drop(key)
+        return True
+
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key)
         siblings = self._children.get(entry.parent)

@@ -34,7 +34,13 @@ from lmcache_disagg.transfer.store.format import HEADER_SIZE, decode_header, hea
 from lmcache_disagg.transfer.store.metrics import StoreMetrics
 from lmcache_disagg.transfer.store.tier import Tier
 
-__all__ = ["BACKOFF", "BACKOFF_REASON", "RemoteTier", "normalize_remote_url"]
+__all__ = [
+    "BACKOFF",
+    "BACKOFF_REASON",
+    "INFLIGHT_WRITE_BYTES",
+    "RemoteTier",
+    "normalize_remote_url",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ _SCHEMES = {
 # A parent's children list keeps the most recent this many children (a bounded list).
 _MAX_CHILDREN = 32
 _CLUSTER_RETRIES = 3
+# Records submitted to L3 and not yet acknowledged hold at most about this many bytes.
+INFLIGHT_WRITE_BYTES = 256 << 20
 # Reads pause this long after the server timed out or was unreachable.
 BACKOFF = 1.0
 BACKOFF_REASON = "backoff"
@@ -88,6 +96,7 @@ class RemoteTier:
         timeout: float = 0.5,
         max_connections: int = 16,
         ttl: float | None = None,
+        record_bytes: int = 1 << 20,
     ) -> None:
         self.url, self.cluster = normalize_remote_url(url, cluster)
         self.timeout = timeout
@@ -107,8 +116,10 @@ class RemoteTier:
         self._inflight = 0
         self._logged: set[str] = set()
         self._down_until = 0.0
-        # Bounds write-through commands submitted and not yet answered.
-        self._put_slots = threading.BoundedSemaphore(max(1, 4 * max_connections))
+        # Bounds write-through commands submitted and not yet answered; each holds a copy of its
+        # record, so the bound is in bytes too.
+        slots = min(2 * max_connections, max(1, INFLIGHT_WRITE_BYTES // max(1, record_bytes)))
+        self._put_slots = threading.BoundedSemaphore(max(1, slots))
 
     # -- names -------------------------------------------------------------------------------
     def key_name(self, key: bytes) -> str:
@@ -235,6 +246,13 @@ class RemoteTier:
         self._metrics.count("faults", Tier.L3, reason=reason)
         self.log_fault(reason, what)
 
+    def _pipeline(self) -> Any:
+        """A non-transactional pipeline: one round trip per node for many single-key commands
+        (a cluster pipeline splits them by slot), and one connection each, not one per key."""
+        if self.cluster:
+            return self._client.pipeline()
+        return self._client.pipeline(transaction=False)
+
     # -- reads -------------------------------------------------------------------------------
     def get(self, key: bytes, timeout: float | None = None) -> tuple[bytes | None, str]:
         """The raw record of ``key`` (unverified), or (None, reason)."""
@@ -255,8 +273,10 @@ class RemoteTier:
             return []
 
         async def probe() -> list[bool]:
-            counts = await asyncio.gather(*(self._client.exists(self.key_name(k)) for k in keys))
-            return [bool(c) for c in counts]
+            pipe = self._pipeline()
+            for key in keys:
+                pipe.exists(self.key_name(key))
+            return [bool(c) for c in await pipe.execute()]
 
         result, reason = self._call(probe)
         if reason is not None or result is None:
@@ -272,9 +292,12 @@ class RemoteTier:
         async def listing() -> list[tuple[bytes, bytes | None]]:
             members = await self._client.lrange(self.children_name(parent), 0, _MAX_CHILDREN - 1)
             names = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-            heads = await asyncio.gather(
-                *(self._client.getrange(self._namespace + n, 0, head_len - 1) for n in names)
-            )
+            if not names:
+                return []
+            pipe = self._pipeline()
+            for name in names:
+                pipe.getrange(self._namespace + name, 0, head_len - 1)
+            heads = await pipe.execute()
             return [(bytes.fromhex(n), h) for n, h in zip(names, heads, strict=True)]
 
         result, reason = self._call(listing)

@@ -29,6 +29,7 @@ from lmcache_disagg.transfer.store.format import (
     Record,
     encode_record,
     fingerprint_digest,
+    record_size,
     verify_record,
 )
 from lmcache_disagg.transfer.store.l1 import L1Cache
@@ -42,6 +43,7 @@ __all__ = ["ChunkStore"]
 logger = logging.getLogger(__name__)
 
 _WRITER_POLL = 0.1
+_STAGING_PAGES = 8
 
 
 @dataclass(slots=True)
@@ -124,7 +126,17 @@ class ChunkStore:
                 timeout=settings.remote_timeout,
                 max_connections=settings.remote_max_connections,
                 ttl=settings.remote_ttl,
+                record_bytes=record_size(self._chunk_size, self._page_bytes),
             )
+        # Without L1, a few staging pages carry chunks to the lower tiers; they serve no lookup.
+        self._staging: L1Cache | None = None
+        if self._l1 is None and (self._disk is not None or self._remote is not None):
+            staging = max(1, min(settings.write_queue, _STAGING_PAGES))
+            self._staging = L1Cache(
+                staging * self._page_bytes, self._page_bytes, settings.l1_device
+            )
+        self._pages: L1Cache | None = self._l1 if self._l1 is not None else self._staging
+        self._staged = self._l1 is None  # pages are staging pages, freed once written
         self._leases: dict[Hashable, _Lease] = {}
         self._queue: queue.Queue[_WriteJob] = queue.Queue(maxsize=max(1, settings.write_queue))
         self._pending = 0  # jobs queued or being written
@@ -185,24 +197,28 @@ class ChunkStore:
 
     # -- storing -----------------------------------------------------------------------------
     def reserve_page(self) -> torch.Tensor | None:
-        """A uint8 page of ``page_bytes`` in L1 to gather one chunk into, or None (L1 off, or
-        every page reserved or pinned). Give it back with :meth:`commit` or :meth:`abandon`."""
-        if self._l1 is None:
+        """A uint8 page of ``page_bytes`` to gather one chunk into, or None (no tier on, or
+        every page reserved or pinned). Give it back with :meth:`commit` or :meth:`abandon`.
+
+        With L1 off but a lower tier on, the page is one of a few staging pages: the chunk is
+        written through and the page freed once copied (None while all are in flight)."""
+        pages = self._pages
+        if pages is None:
             return None
         with self._lock:
             self._expire_locked()
-            slot, evicted = self._l1.reserve()
-            if evicted:
+            slot, evicted = pages.reserve()
+            if evicted and not self._staged:
                 self._metrics.count("evictions", Tier.L1, evicted)
             self._publish_l1()
-            return None if slot is None else self._l1.page(slot)
+            return None if slot is None else pages.page(slot)
 
     def abandon(self, page: torch.Tensor) -> None:
-        if self._l1 is None:
+        if self._pages is None:
             return
         with self._lock:
             try:
-                self._l1.abandon(self._l1.slot_of(page))
+                self._pages.abandon(self._pages.slot_of(page))
             except ValueError:
                 return
             self._publish_l1()
@@ -218,8 +234,9 @@ class ChunkStore:
         """Make a reserved page visible as chunk ``key`` (atomically: readers see all of it or
         nothing) and queue its write-through. False when ``key`` was already cached (the page
         is freed). Bad arguments free the page and raise ValueError."""
-        if self._l1 is None:
-            raise ValueError("commit without L1: reserve_page() returned None")
+        pages = self._pages
+        if pages is None:
+            raise ValueError("commit without a page: reserve_page() returned None")
         ids = tuple(int(t) for t in token_ids)
         try:
             self._check_chunk(key, parent, ids, nbytes)
@@ -227,18 +244,21 @@ class ChunkStore:
             self.abandon(page)
             raise
         with self._lock:
-            slot = self._l1.slot_of(page)
-            new = self._l1.commit(slot, key, parent, ids, nbytes)
+            slot = pages.slot_of(page)
+            new = pages.commit(slot, key, parent, ids, nbytes)
             if new:
-                self._metrics.count("written_bytes", Tier.L1, nbytes)
+                if not self._staged:
+                    self._metrics.count("written_bytes", Tier.L1, nbytes)
                 to_disk = self._disk is not None and not self._disk.contains(key)
-                to_remote = self._remote is not None and not self._closed
+                to_remote = self._remote is not None
                 if (to_disk or to_remote) and self._started and not self._closed:
-                    self._l1.pin(key)
+                    pages.pin(key)
                     if not self._enqueue_locked(
                         _WriteJob(key, parent, ids, nbytes, to_disk, to_remote)
                     ):
-                        self._l1.unpin(key)
+                        pages.unpin(key)
+                if self._staged:
+                    pages.discard(key)  # no-op while its write job holds the pin
             self._publish_l1()
             return new
 
@@ -570,15 +590,15 @@ class ChunkStore:
 
     # -- accounting --------------------------------------------------------------------------
     def pinned_chunks(self) -> int:
-        """Pins held in L1 (leases and queued write-through copies)."""
+        """Pins held on pages (leases, and chunks queued for write-through)."""
         with self._lock:
             self._expire_locked()
-            return 0 if self._l1 is None else self._l1.pinned
+            return 0 if self._pages is None else self._pages.pinned
 
     def reserved_pages(self) -> int:
-        """L1 pages reserved and neither committed nor abandoned."""
+        """Pages reserved and neither committed nor abandoned."""
         with self._lock:
-            return 0 if self._l1 is None else self._l1.reserved
+            return 0 if self._pages is None else self._pages.reserved
 
     def leases(self) -> int:
         with self._lock:
@@ -668,11 +688,19 @@ class ChunkStore:
                         self._metrics.count("faults", tier, reason="shutdown")
 
     def _finish_job_locked(self, job: _WriteJob, copied: bool) -> None:
-        if job.record is None and not copied and self._l1 is not None:
-            self._l1.unpin(job.key)
+        if job.record is None and not copied:
+            self._unpin_job_locked(job)
         self._pending -= 1
         self._idle.notify_all()
         self._publish_l1()
+
+    def _unpin_job_locked(self, job: _WriteJob) -> None:
+        """Drop a write job's pin on its page (a staging page is freed with it)."""
+        if self._pages is None:
+            return
+        self._pages.unpin(job.key)
+        if self._staged:
+            self._pages.discard(job.key)
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
@@ -685,19 +713,20 @@ class ChunkStore:
             except Exception:  # the writer must survive anything; the chunk stays in L1
                 logger.exception("chunk-store writer failed on one chunk")
                 with self._lock:
-                    if job.record is None and self._l1 is not None:
-                        self._l1.unpin(job.key)
+                    if job.record is None:
+                        self._unpin_job_locked(job)
                     self._pending -= 1
                     self._idle.notify_all()
 
     def _write_one(self, job: _WriteJob) -> None:
         record = job.record
         if record is None:
-            assert self._l1 is not None
+            pages = self._pages
+            assert pages is not None
             with self._lock:
-                entry = self._l1.get(job.key, touch=False)
+                entry = pages.get(job.key, touch=False)
                 assert entry is not None  # pinned by the job
-                page = self._l1.page(entry.slot)
+                page = pages.page(entry.slot)
             try:  # the job's pin keeps the page stable while it is copied, outside the lock
                 record = encode_record(
                     self._digest,
@@ -708,7 +737,7 @@ class ChunkStore:
                 )
             finally:
                 with self._lock:
-                    self._l1.unpin(job.key)
+                    self._unpin_job_locked(job)
                     job.record = b""  # the pin is gone: error paths must not unpin again
                     self._publish_l1()
         if job.to_disk and self._disk is not None:
