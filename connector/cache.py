@@ -27,6 +27,7 @@ from lmcache_disagg.connector.device import CopyEngine
 from lmcache_disagg.connector.keys import chain_root, chunk_keys
 from lmcache_disagg.connector.kvcache import WorkerKV
 from lmcache_disagg.connector.logonce import LogOnce
+from lmcache_disagg.connector.lookup import LookupAnswer
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.protocol import LookupRequest
 from lmcache_disagg.connector.stats import StatsRecorder
@@ -96,7 +97,7 @@ class WorkerCache:
 
     # -- lookup thread ---------------------------------------------------------------------------
 
-    def answer(self, request: LookupRequest) -> int:
+    def answer(self, request: LookupRequest) -> LookupAnswer:
         """Find and pin the longest cached prefix of ``request.token_ids`` (lookup thread)."""
         chunk = self.kv.fingerprint.chunk_size
         tokens = request.token_ids
@@ -114,7 +115,7 @@ class WorkerCache:
         )
         if hit.num_tokens <= 0 or not hit.chunks:
             self.store.release(request.lease_id)
-            return 0
+            return LookupAnswer(0)
         spans: list[HitSpan] = []
         for index, hit_chunk in enumerate(hit.chunks):
             stored = hit_chunk.stored_tokens
@@ -127,7 +128,7 @@ class WorkerCache:
         usable = sum(span.num_tokens for span in spans)
         if usable <= 0:
             self.store.release(request.lease_id)
-            return 0
+            return LookupAnswer(0)
         leased = LeasedHit(request.lease_id, usable, spans)
         with self._lock:
             self._hits[request.lease_id] = leased
@@ -137,7 +138,10 @@ class WorkerCache:
                 dropped.append(self._hits.popitem(last=False)[0])
         for lease_id in dropped:
             self.store.release(lease_id)
-        return min(usable, request.max_tokens)
+        tiers = tuple(
+            (str(c.tier.value), span.num_tokens) for c, span in zip(hit.chunks, spans, strict=False)
+        )
+        return LookupAnswer(min(usable, request.max_tokens), tiers)
 
     def _take_hit(self, lease_id: str) -> LeasedHit | None:
         with self._lock:

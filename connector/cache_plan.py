@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from lmcache_disagg.connector.lookup import LookupClient
 
-__all__ = ["CachePlanner"]
+__all__ = ["CachePlanner", "tier_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,25 @@ class _Plan:
     lease_id: str
     load_start: int
     load_end: int
+    spans: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(eq=False)
 class _Tracked:
     request: Request
     sent: int = 0
+
+
+def tier_split(spans: tuple[tuple[str, int], ...], start: int, end: int) -> dict[str, int]:
+    """Tokens of ``[start, end)`` per tier; ``spans`` are consecutive (tier, tokens) pieces."""
+    out: dict[str, int] = {}
+    pos = 0
+    for tier, tokens in spans:
+        lo, hi = max(pos, start), min(pos + tokens, end)
+        if hi > lo:
+            out[tier] = out.get(tier, 0) + hi - lo
+        pos += tokens
+    return out
 
 
 class CachePlanner:
@@ -73,6 +86,7 @@ class CachePlanner:
         self._plans: dict[str, _Plan] = {}
         self._loading: set[str] = set()
         self._tracked: dict[str, _Tracked] = {}
+        self._sources: dict[str, dict[str, int]] = {}
         self._seq = 0
 
     def match(
@@ -91,9 +105,10 @@ class CachePlanner:
             return 0, False
         self._seq += 1
         lease_id = f"{req_id}#{self._seq}"
-        found, error = self._client.lookup(
+        result = self._client.lookup(
             LookupRequest(PROTOCOL_VERSION, lease_id, prompt, max_tokens, self._block_size)
         )
+        found, error = result.num_tokens, result.error
         self._stats.count("cache_lookups")
         if error:
             self._stats.count("cache_load_failures", reason=f"lookup_{error}")
@@ -102,7 +117,7 @@ class CachePlanner:
         if found <= num_computed_tokens:
             meta.cache_releases.append(lease_id)
             return 0, False
-        self._plans[req_id] = _Plan(lease_id, num_computed_tokens, found)
+        self._plans[req_id] = _Plan(lease_id, num_computed_tokens, found, result.spans)
         return found - num_computed_tokens, True
 
     def _drop_plan(self, req_id: str, meta: LMCacheDisaggMetadata) -> None:
@@ -122,13 +137,15 @@ class CachePlanner:
             meta.cache_releases.append(plan.lease_id)
             return
         self._loading.add(req_id)
+        load_end = plan.load_start + num_external_tokens
+        self._sources[req_id] = tier_split(plan.spans, plan.load_start, load_end)
         meta.cache_loads.append(
             CacheLoad(
                 req_id=req_id,
                 lease_id=plan.lease_id,
                 block_ids=list(self._block_ids_of(req_id)),
                 load_start=plan.load_start,
-                load_end=plan.load_start + num_external_tokens,
+                load_end=load_end,
             )
         )
 
@@ -162,8 +179,16 @@ class CachePlanner:
             if final:
                 del self._tracked[req_id]
 
+    def hit_sources(self, req_id: str, num_tokens: int) -> dict[str, int]:
+        """Tokens of the planned load per tier (``l1``/``l2``/``l3``), summing to ``num_tokens``."""
+        split = self._sources.pop(req_id, {})
+        if sum(split.values()) != num_tokens:
+            return {}
+        return split
+
     def finished(self, request: Request, meta: LMCacheDisaggMetadata) -> None:
         req_id = request.request_id
+        self._sources.pop(req_id, None)
         self._drop_plan(req_id, meta)
         self._loading.discard(req_id)
         if self._tracked.pop(req_id, None) is not None:

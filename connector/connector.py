@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
@@ -230,6 +231,30 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Each step, with the workers' aggregated results: settled loads are forgotten."""
         self._sched().update_connector_output(connector_output)
+
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        """Split the loaded tokens by source for vLLM's per-source prompt-token metric: P's push
+        is ``p2p``, the store's RAM ``host``, its disk ``disk``, Redis ``external_unspecified``.
+
+        Called by the scheduler right after ``update_state_after_alloc``."""
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        names = {
+            "p2p": CacheHitSource.P2P,
+            "l1": CacheHitSource.HOST,
+            "l2": CacheHitSource.DISK,
+            "l3": CacheHitSource.EXTERNAL_UNSPECIFIED,
+        }
+        split = self._sched().hit_sources(request, num_external_tokens)
+        if not split:
+            return super().get_external_cache_hit_sources(request, num_external_tokens)
+        out: dict[CacheHitSource, int] = {}
+        for name, tokens in split.items():
+            source = names.get(name, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            out[source] = out.get(source, 0) + tokens
+        return out
 
     def has_pending_push_work(self) -> bool:
         """True while decisions wait for the next step (keeps an idle engine stepping)."""

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 
@@ -30,13 +31,39 @@ from lmcache_disagg.connector.protocol import (
     encode,
 )
 
-__all__ = ["LOOKUP_TIMEOUT", "LookupClient", "LookupServer", "lookup_address", "lookup_timeout"]
+__all__ = [
+    "LOOKUP_TIMEOUT",
+    "LookupAnswer",
+    "LookupClient",
+    "LookupResult",
+    "LookupServer",
+    "lookup_address",
+    "lookup_timeout",
+]
 
 logger = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 0.25
 """Seconds a lookup may take when only local tiers are on (RAM and disk index are in memory)."""
 _POLL_MS = 100
+
+
+@dataclass(frozen=True)
+class LookupAnswer:
+    """One rank's answer: ``num_tokens`` held, and per hit chunk (tier, tokens used)."""
+
+    num_tokens: int
+    spans: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """The scheduler's view: the minimum over ranks, an error label (empty when none), and
+    rank 0's spans (where the tokens come from, for vLLM's per-source metrics)."""
+
+    num_tokens: int
+    error: str = ""
+    spans: tuple[tuple[str, int], ...] = ()
 
 
 def lookup_timeout(config: LMCacheDisaggConfig) -> float:
@@ -51,9 +78,9 @@ def lookup_address(engine_id: str, tp_rank: int) -> str:
 
 
 class LookupServer:
-    """A worker thread that answers lookups with ``answer(request) -> num_tokens``."""
+    """A worker thread that answers lookups with ``answer(request) -> LookupAnswer``."""
 
-    def __init__(self, address: str, answer: Callable[[LookupRequest], int]) -> None:
+    def __init__(self, address: str, answer: Callable[[LookupRequest], LookupAnswer]) -> None:
         self.address = address
         self._answer = answer
         self._stop = threading.Event()
@@ -99,7 +126,13 @@ class LookupServer:
         except ValueError as exc:
             return LookupReply(PROTOCOL_VERSION, 0, str(exc)[:200])
         try:
-            return LookupReply(PROTOCOL_VERSION, max(0, int(self._answer(request))))
+            answer = self._answer(request)
+            return LookupReply(
+                PROTOCOL_VERSION,
+                max(0, int(answer.num_tokens)),
+                span_tiers=[tier for tier, _ in answer.spans],
+                span_tokens=[n for _, n in answer.spans],
+            )
         except Exception as exc:  # a store bug must cost a recompute, not the engine
             logger.warning("lmcache-disagg cache lookup failed: %r", exc)
             return LookupReply(PROTOCOL_VERSION, 0, repr(exc)[:200])
@@ -139,8 +172,8 @@ class LookupClient:
             sock.close(linger=0)
             self._socks[rank] = None
 
-    def lookup(self, request: LookupRequest) -> tuple[int, str]:
-        """``(num_tokens, error)``: the minimum over ranks; ``(0, reason)`` on any failure."""
+    def lookup(self, request: LookupRequest) -> LookupResult:
+        """The minimum over ranks; 0 and the reason on any failure or timeout."""
         payload = encode(request)
         deadline = time.monotonic() + self._timeout
         sent: list[int] = []
@@ -152,8 +185,9 @@ class LookupClient:
                 for other in (*sent, rank):
                     self._drop(other)
                 self.failures += 1
-                return 0, "unavailable"
+                return LookupResult(0, "unavailable")
         best: int | None = None
+        spans: tuple[tuple[str, int], ...] = ()
         error = ""
         for rank in sent:
             sock = self._sock(rank)
@@ -170,11 +204,13 @@ class LookupClient:
                 continue
             if reply.error:
                 error = error or "worker_error"
+            if best is None:
+                spans = tuple(zip(reply.span_tiers, reply.span_tokens, strict=True))
             best = reply.num_tokens if best is None else min(best, reply.num_tokens)
         if error:
             self.failures += 1
-            return 0, error
-        return (best or 0), ""
+            return LookupResult(0, error)
+        return LookupResult(best or 0, "", spans)
 
     def close(self) -> None:
         for rank in range(len(self._socks)):

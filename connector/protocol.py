@@ -41,11 +41,17 @@ class LookupRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 
 
 class LookupReply(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """``num_tokens`` leading tokens are held (0 on a miss or an error)."""
+    """``num_tokens`` leading tokens are held (0 on a miss or an error).
+
+    ``span_tiers`` / ``span_tokens``: per hit chunk, in order, the tier it was found in
+    (``l1``/``l2``/``l3``) and the tokens of it the hit uses (for vLLM's per-source metrics).
+    """
 
     version: int
     num_tokens: int
     error: str = ""
+    span_tiers: list[str] = msgspec.field(default_factory=list)
+    span_tokens: list[int] = msgspec.field(default_factory=list)
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -81,4 +87,6 @@ def decode_reply(data: bytes) -> LookupReply:
         raise ValueError(f"bad lookup reply: {exc}") from exc
     if reply.version != PROTOCOL_VERSION or reply.num_tokens < 0:
         raise ValueError(f"bad lookup reply {reply}")
+    if len(reply.span_tiers) != len(reply.span_tokens) or any(n < 0 for n in reply.span_tokens):
+        raise ValueError("bad lookup reply spans")
     return reply

@@ -288,6 +288,17 @@ class ConnectorScheduler:
             if self.cache is not None:
                 self.cache.load_settled(req_id)
 
+    def hit_sources(self, request: Request, num_tokens: int) -> dict[str, int]:
+        """Where this step's external tokens of ``request`` come from: ``p2p`` (P's push) or
+        the store's tiers (``l1``/``l2``/``l3``); empty when unknown."""
+        if num_tokens <= 0:
+            return {}
+        if request.request_id in self._dispatched:
+            return {"p2p": num_tokens}
+        if self.cache is not None:
+            return self.cache.hit_sources(request.request_id, num_tokens)
+        return {}
+
     def has_pending_work(self) -> bool:
         """Decisions not yet handed to the workers (keeps the engine stepping)."""
         return not self._meta.is_empty()

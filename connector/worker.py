@@ -28,7 +28,7 @@ from lmcache_disagg.connector.kvcache import (
 )
 from lmcache_disagg.connector.loader import Loader
 from lmcache_disagg.connector.logonce import LogOnce
-from lmcache_disagg.connector.lookup import LookupServer
+from lmcache_disagg.connector.lookup import LookupAnswer, LookupServer
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.protocol import LookupRequest
 from lmcache_disagg.connector.pusher import Pusher
@@ -180,9 +180,9 @@ class ConnectorWorker:
             return
         self.lookup_server = server
 
-    def _answer_lookup(self, request: LookupRequest) -> int:
+    def _answer_lookup(self, request: LookupRequest) -> LookupAnswer:
         cache = self.cache
-        return 0 if cache is None else cache.answer(request)
+        return LookupAnswer(0) if cache is None else cache.answer(request)
 
     @property
     def endpoint(self) -> str | None:

@@ -58,11 +58,9 @@ def store(cache: WorkerCache, req_id: str, tokens: list[int], blocks: list[int])
 
 
 def lookup(client: LookupClient, lease: str, tokens: list[int], block: int = BLOCK) -> int:
-    found, error = client.lookup(
-        LookupRequest(PROTOCOL_VERSION, lease, tokens, len(tokens) - 1, block)
-    )
-    assert error == ""
-    return found
+    result = client.lookup(LookupRequest(PROTOCOL_VERSION, lease, tokens, len(tokens) - 1, block))
+    assert result.error == ""
+    return result.num_tokens
 
 
 def load(cache: WorkerCache, req_id: str, lease: str, end: int, start: int = 0) -> set[str]:
@@ -93,7 +91,10 @@ def test_a_stored_prompt_loads_back_bitwise_all_but_its_last_token(
     kv = worker_cache.kv
     tokens = list(range(100, 140))  # 16 + 16 + a partial chunk of 8
     store(worker_cache, "r1", tokens, SRC_BLOCKS)
-    assert lookup(client, "r2#1", tokens) == 39
+    result = client.lookup(LookupRequest(PROTOCOL_VERSION, "r2#1", tokens, 39, BLOCK))
+    assert (result.num_tokens, result.error) == (39, "")
+    # Where each chunk of the hit is (vLLM's per-source metric); the hit offers all 40 stored.
+    assert result.spans == (("l1", 16), ("l1", 16), ("l1", 8))
     assert load(worker_cache, "r2", "r2#1", 39) == set()
     torch.testing.assert_close(
         token_values(kv, DST_BLOCKS, 0, 39), token_values(kv, SRC_BLOCKS, 0, 39), rtol=0, atol=0
@@ -166,8 +167,8 @@ def test_failures_release_the_lease_and_recompute(
 def test_a_lookup_without_a_worker_times_out_to_zero() -> None:
     client = LookupClient([lookup_address(f"absent-{uuid.uuid4()}", 0)], timeout=0.2)
     try:
-        found, error = client.lookup(LookupRequest(PROTOCOL_VERSION, "x#1", [1, 2, 3], 2, 16))
-        assert (found, error) == (0, "timeout")
+        result = client.lookup(LookupRequest(PROTOCOL_VERSION, "x#1", [1, 2, 3], 2, 16))
+        assert (result.num_tokens, result.error) == (0, "timeout")
     finally:
         client.close()
 

@@ -9,7 +9,12 @@ import pytest
 
 from lmcache_disagg.config import load_config
 from lmcache_disagg.connector.cache_plan import CachePlanner
-from lmcache_disagg.connector.lookup import LookupClient, LookupServer, lookup_address
+from lmcache_disagg.connector.lookup import (
+    LookupAnswer,
+    LookupClient,
+    LookupServer,
+    lookup_address,
+)
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.params import PushParams, decode_params_for
 from lmcache_disagg.connector.protocol import PROTOCOL_VERSION, LookupRequest
@@ -27,9 +32,10 @@ class Worker:
         self.held = 0
         self.requests: list[LookupRequest] = []
 
-    def answer(self, request: LookupRequest) -> int:
+    def answer(self, request: LookupRequest) -> LookupAnswer:
         self.requests.append(request)
-        return min(self.held, len(request.token_ids))
+        held = min(self.held, len(request.token_ids))
+        return LookupAnswer(held, (("l1", min(held, 16)), ("l2", max(0, held - 16))))
 
 
 @pytest.fixture
@@ -74,6 +80,8 @@ def test_offers_only_tokens_beyond_vllms_own_and_never_the_last(
     meta = sched.build_connector_meta(FakeSchedulerOutput({}))
     [load] = meta.cache_loads
     assert (load.req_id, load.load_start, load.load_end, load.block_ids) == ("r1", 8, 39, BLOCKS)
+    # vLLM's per-source metric: tokens 8..16 came from RAM, 16..39 from disk.
+    assert sched.hit_sources(req, 31) == {"l1": 8, "l2": 23}
     assert meta.cache_releases == []
 
 
@@ -133,13 +141,13 @@ def test_with_tp_the_answer_is_the_minimum_over_ranks() -> None:
     servers = []
     addresses = [lookup_address(f"tp-{uuid.uuid4()}", rank) for rank in range(2)]
     for rank, address in enumerate(addresses):
-        server = LookupServer(address, lambda request, n=answers[rank]: n)
+        server = LookupServer(address, lambda request, n=answers[rank]: LookupAnswer(n))
         server.start()
         servers.append(server)
     client = LookupClient(addresses, timeout=5.0)
     try:
         request = LookupRequest(PROTOCOL_VERSION, "r#1", list(range(48)), 47, 8)
-        assert client.lookup(request) == (24, "")
+        assert client.lookup(request).num_tokens == 24
     finally:
         client.close()
         for server in servers:
