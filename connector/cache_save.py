@@ -113,6 +113,9 @@ class CacheSaver:
     def after_forward(self) -> None:
         """Gather what this step's forward completed; commit the gathers that are done."""
         progress, self._progress = self._progress, []
+        if not progress and not self._staged:
+            return
+        began = time.perf_counter()
         for item in progress:
             track = self._tracks.get(item.req_id)
             if track is None:
@@ -122,6 +125,7 @@ class CacheSaver:
             if item.final:
                 self._tracks.pop(item.req_id, None)
         self.commit_ready()
+        self._stats.count("cache_forward_seconds", time.perf_counter() - began)
 
     def commit_ready(self) -> None:
         while self._staged and self._staged[0].completion.done():

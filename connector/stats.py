@@ -21,6 +21,7 @@ and calls :class:`LMCacheDisaggPromMetrics.observe` there, which updates the Pro
 ``lmcache_disagg_cache_tokens_loaded_total`` prompt tokens loaded from the chunk store (any tier)
 ``lmcache_disagg_cache_tokens_stored_total`` prompt tokens gathered and committed to the store
 ``lmcache_disagg_cache_load_failures_total`` cache loads that fell back to recompute, by reason
+``lmcache_disagg_cache_forward_seconds_total`` engine-thread seconds spent storing after forwards
 ``lmcache_disagg_cache_leases``             store leases held (gauge; drains to 0)
 ``lmcache_disagg_cache_pending_loads``      cache loads not yet settled (gauge)
 ``lmcache_disagg_cache_<name>{tier}``       the chunk store's own series (see ``STORE_SERIES``):
@@ -64,6 +65,7 @@ COUNTERS = (
     "cache_tokens_stored",
     "cache_loads",
     "cache_lookups",
+    "cache_forward_seconds",
 )
 REASON_COUNTERS = ("fallbacks", "push_failures", "cache_load_failures", "cache_store_skipped")
 GAUGES = (
