@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import xxhash
 
 from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.connector.checksum import log_checksum
 from lmcache_disagg.connector.device import Completion, CopyEngine
 from lmcache_disagg.connector.keys import chain_root, chunk_keys, chunk_spans
 from lmcache_disagg.connector.kvcache import WorkerKV, target_for_rank
@@ -43,25 +43,12 @@ from lmcache_disagg.transfer.errors import DeadlineExceeded, TransferError
 from lmcache_disagg.transfer.pool import SendPage
 from lmcache_disagg.transfer.state import PushState, PushStatus
 
-__all__ = ["MAX_PENDING_OPENS", "Pusher", "SenderLike", "log_checksum"]
+__all__ = ["MAX_PENDING_OPENS", "Pusher", "SenderLike"]
 
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_OPENS = 4096
 _OPEN_POLL = 0.1
-
-
-def log_checksum(side: str, transfer_id: str, index: int, data: torch.Tensor) -> None:
-    """One greppable line per chunk so tests can compare P's gathered and D's loaded bytes."""
-    digest = xxhash.xxh3_64_hexdigest(data.cpu().contiguous().numpy().tobytes())
-    logger.info(
-        "lmcache-disagg kv-checksum side=%s transfer=%s chunk=%d bytes=%d xxh3=%s",
-        side,
-        transfer_id,
-        index,
-        data.numel(),
-        digest,
-    )
 
 
 class HandleLike(Protocol):
@@ -83,7 +70,7 @@ class SenderLike(Protocol):
 
     def acquire_page(self, timeout: float) -> SendPage: ...
 
-    def _release_page(self, page: SendPage) -> None: ...
+    def release_page(self, page: SendPage) -> None: ...
 
 
 @dataclass(eq=False)
@@ -372,7 +359,7 @@ class Pusher:
 
                 completion = self._copy.submit(copy)
         except Exception as exc:  # a layout bug must not take P down: fail this push only
-            self._sender._release_page(page)
+            self._sender.release_page(page)
             self._mark_failed(push, "gather_error", repr(exc))
             return None
         nbytes = kv.layout.chunk_bytes(len(kv.caches), num_tokens)
@@ -418,7 +405,7 @@ class Pusher:
             staged = push.staged.popleft()
             # The gather may still be writing the page on a GPU: wait before reusing it.
             staged.completion.wait()
-            self._sender._release_page(staged.page)
+            self._sender.release_page(staged.page)
 
     def _cancel(self, push: _Push, reason: str) -> None:
         with self._lock:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ipaddress
 import itertools
 import logging
 import secrets
@@ -31,6 +30,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.netaddr import is_loopback
 from lmcache_disagg.transfer import auth
 from lmcache_disagg.transfer.errors import (
     AuthenticationFailed,
@@ -40,6 +40,7 @@ from lmcache_disagg.transfer.errors import (
     PeerClosed,
     ProtocolViolation,
     TransferError,
+    UnknownSession,
 )
 from lmcache_disagg.transfer.metrics import TransferMetrics
 from lmcache_disagg.transfer.pool import ReceivePool
@@ -80,6 +81,7 @@ from lmcache_disagg.transfer.tcp_channel import (
     set_io_timeouts,
     skip_bytes,
 )
+from lmcache_disagg.transfer.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from lmcache_disagg.transfer.nixl_agent import NixlAgent
@@ -127,15 +129,6 @@ class _RxTransfer:
     writers: int = 0
     ended: bool = False
     waiters: list[tuple[bytes, int]] = field(default_factory=list)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _recv_some(sock: socket.socket, buffers: list[memoryview]) -> int:
@@ -206,8 +199,7 @@ class KVReceiver:
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._router: zmq.Socket[bytes] | None = None
         self._listener: socket.socket | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self._wakeup: Wakeup | None = None
         self._nixl: NixlAgent | None = None
         self._started = False
 
@@ -219,7 +211,7 @@ class KVReceiver:
             return
         self._started = True
         host = self.config.listen_host
-        if not _is_loopback(host) and not self.config.cluster_secret:
+        if not is_loopback(host) and not self.config.cluster_secret:
             logger.warning(
                 "!!! KV receiver listening on non-loopback %s WITHOUT a cluster_secret: any host "
                 "that can reach it may write KV into this worker. Set cluster_secret. !!!",
@@ -249,9 +241,7 @@ class KVReceiver:
                 f"cannot bind KV data listener on {host}:{self.config.data_port}: {exc}"
             ) from exc
         self._listener.settimeout(0.25)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()
         if self.config.channel in ("auto", "nixl"):
             self._nixl = self._try_nixl()
         if self._nixl is None and self.pool.view is None:
@@ -307,9 +297,10 @@ class KVReceiver:
             conn_threads = list(self._conns.values())
         for thread in conn_threads:
             thread.join(timeout=5)
-        for closable in (self._listener, self._wake_r, self._wake_w):
-            if closable is not None:
-                closable.close()
+        if self._listener is not None:
+            self._listener.close()
+        if self._wakeup is not None:
+            self._wakeup.close()
         if self._router is not None:
             self._router.close(0)
             self._router = None
@@ -378,6 +369,15 @@ class KVReceiver:
 
     def occupancy(self) -> int:
         return self.pool.occupancy()
+
+    @property
+    def n_pages(self) -> int:
+        """Pages in the receive pool."""
+        return self.pool.n_pages
+
+    def extend(self, transfer_id: str, ttl: float) -> None:
+        """Restart the TTL of a held transfer at ``ttl`` seconds (no-op when not held)."""
+        self.pool.extend(transfer_id, ttl)
 
     @property
     def data_port(self) -> int:
@@ -490,17 +490,16 @@ class KVReceiver:
     # -- control plane --------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._wake_w is not None:
-            # A full buffer means a wake-up is already pending; closed means shutting down.
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"\0")
+        if self._wakeup is not None:
+            self._wakeup.wake()
 
     def _ctl_loop(self) -> None:
         router = self._router
-        assert router is not None and self._wake_r is not None
+        wakeup = self._wakeup
+        assert router is not None and wakeup is not None
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(wakeup.fileno(), zmq.POLLIN)
         next_sweep = 0.0
         while not self._stop.is_set():
             timeout = _CTL_NIXL_POLL_MS if self._nixl_sessions else _CTL_IDLE_POLL_MS
@@ -510,12 +509,8 @@ class KVReceiver:
                 if self._stop.is_set():
                     return
                 raise
-            if self._wake_r.fileno() in events:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except OSError:
-                    pass
+            if wakeup.fileno() in events:
+                wakeup.drain()
             if router in events:
                 for _ in range(256):
                     try:
@@ -590,8 +585,8 @@ class KVReceiver:
                     reply = self._on_cancel(request)
         except TransferError as exc:
             self.metrics.failure(exc.reason)
-            fields = exc.fields if hasattr(exc, "fields") else []
-            reply = ErrorReply(request.rid, exc.reason, str(exc), list(fields))
+            fields = exc.fields if isinstance(exc, FingerprintMismatch) else []
+            reply = ErrorReply(request.rid, exc.kind, str(exc), list(fields))
         except Exception as exc:  # a bug must not kill the control thread
             logger.exception("control request %s failed", type(request).__name__)
             self.metrics.failure("internal")
@@ -606,7 +601,7 @@ class KVReceiver:
             elif sid in self._half_open:
                 raise AuthenticationFailed("session is not authenticated")
         if session is None:
-            raise ProtocolViolation("unknown session (the receiver restarted?); handshake again")
+            raise UnknownSession("unknown session (the receiver restarted?); handshake again")
         if for_data and session.probe:
             raise ProtocolViolation("probe sessions cannot reserve")
         return session
@@ -705,7 +700,7 @@ class KVReceiver:
         with self._lock:
             session = self._half_open.pop(request.session, None)
         if session is None:
-            raise ProtocolViolation("unknown session")
+            raise UnknownSession("unknown session")
         ok = auth.verify(
             secret,
             b"P",

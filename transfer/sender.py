@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import ipaddress
 import itertools
 import logging
 import math
@@ -29,13 +28,13 @@ import xxhash
 import zmq
 from prometheus_client import CollectorRegistry
 
-from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.config import ConfigError, LMCacheDisaggConfig, split_host_port
+from lmcache_disagg.netaddr import is_loopback
 from lmcache_disagg.transfer import auth
 from lmcache_disagg.transfer.control import ControlLoop
 from lmcache_disagg.transfer.errors import (
     AuthenticationFailed,
     DeadlineExceeded,
-    DuplicateTransfer,
     FingerprintMismatch,
     NoRoom,
     PeerClosed,
@@ -43,6 +42,8 @@ from lmcache_disagg.transfer.errors import (
     ProtocolViolation,
     TargetNotAllowed,
     TransferError,
+    UnknownSession,
+    error_from_kind,
 )
 from lmcache_disagg.transfer.metrics import TransferMetrics
 from lmcache_disagg.transfer.pool import SendPage, SendPool
@@ -84,18 +85,6 @@ __all__ = ["KVSender", "PushHandle"]
 
 logger = logging.getLogger(__name__)
 
-_ERRORS: dict[str, type[TransferError]] = {
-    cls.reason: cls
-    for cls in (
-        AuthenticationFailed,
-        DuplicateTransfer,
-        FingerprintMismatch,
-        NoRoom,
-        PeerClosed,
-        ProtocolViolation,
-        TargetNotAllowed,
-    )
-}
 _STOP = object()
 _IDLE_PUMP = 0.05
 # While WRITEs are in flight, how long the data thread waits for more work before it polls them.
@@ -109,11 +98,12 @@ _MAX_BATCH_BYTES = 64 << 20
 _STREAM_SLICE = 2 << 20
 
 
+def error_from_reply(reply: ErrorReply) -> TransferError:
+    return error_from_kind(reply.kind, reply.message, reply.fields)
+
+
 def _raise_error_reply(reply: ErrorReply) -> None:
-    cls = _ERRORS.get(reply.kind, TransferError)
-    if cls is FingerprintMismatch:
-        raise FingerprintMismatch(reply.message, reply.fields)
-    raise cls(reply.message)
+    raise error_from_reply(reply)
 
 
 def _make_reserve(rid: int, *, session: bytes, transfer_id: str, n: int, ttl: float) -> Request:
@@ -121,19 +111,10 @@ def _make_reserve(rid: int, *, session: bytes, transfer_id: str, n: int, ttl: fl
 
 
 def split_target(target: str) -> tuple[str, int]:
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise TargetNotAllowed(f"push target {target!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return split_host_port(target)
+    except ConfigError:
+        raise TargetNotAllowed(f"push target {target!r} is not host:port") from None
 
 
 class _Peer:
@@ -739,6 +720,10 @@ class KVSender:
         """Give back a page from :meth:`acquire_page` that will not be written. Idempotent."""
         self._release_page(page)
 
+    def pages_in_use(self) -> int:
+        """Staging pages acquired and not yet sent or released."""
+        return self.send_pool.in_use()
+
     def _release_page(self, page: SendPage) -> None:
         self.send_pool.release(page)
         self.metrics.pool_pages_used.set(self.send_pool.in_use())
@@ -773,7 +758,7 @@ class KVSender:
     def _check_target(self, target: str) -> None:
         host, _port = split_target(target)
         allowlist = self.config.push_allowlist
-        allowed = target in allowlist if allowlist else _is_loopback(host)
+        allowed = target in allowlist if allowlist else is_loopback(host)
         if not allowed and self.config.cluster_secret is None:
             raise TargetNotAllowed(
                 f"push target {target} is not in push_allowlist "
@@ -805,18 +790,17 @@ class KVSender:
             if isinstance(reply, ReserveReply):
                 break
             if isinstance(reply, ErrorReply):
-                if reply.kind == "protocol" and "unknown session" in reply.message:
-                    if retried_session:
-                        _raise_error_reply(reply)
+                error = error_from_reply(reply)
+                if isinstance(error, UnknownSession) and not retried_session:
                     retried_session = True
                     peer.mark_broken("session", reply.message)
                     continue
-                if reply.kind == "no_room" and time.monotonic() + backoff < deadline:
+                if isinstance(error, NoRoom) and time.monotonic() + backoff < deadline:
                     self.metrics.failure("reserve_retry")
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 0.05)
                     continue
-                _raise_error_reply(reply)
+                raise error
             raise ProtocolViolation(f"unexpected reply to reserve: {type(reply).__name__}")
         if len(reply.pages) != n_chunks or any(
             not 0 <= page < peer.remote_pages for page in reply.pages
