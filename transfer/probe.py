@@ -99,7 +99,7 @@ def probe(endpoint: str, timeout: float, cluster_secret: str | None = None) -> P
             return result(False, reply.kind, reply.message)
         if not isinstance(reply, HelloReply):
             return result(False, "protocol", f"unexpected reply {type(reply).__name__}")
-        channel = "nixl" if reply.nixl_agent else "tcp"
+        channel = reply.channels[0].name if reply.channels else "tcp"
         if cluster_secret is None:
             if reply.auth_required:
                 return result(

@@ -58,7 +58,7 @@ def d_side() -> Iterator[tuple[Side, KVReceiver, Loader]]:
     receiver = KVReceiver(config(), side.kv.fingerprint)
     receiver.start()
     loader = Loader(
-        config(), side.kv, receiver, SyncCopyEngine(), side.stats, LOG, receiver.pool.extend
+        config(), side.kv, receiver, SyncCopyEngine(), side.stats, LOG, receiver.extend
     )
     try:
         yield side, receiver, loader

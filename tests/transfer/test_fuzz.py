@@ -30,7 +30,7 @@ from lmcache_disagg.transfer.protocol import (
     encode,
 )
 from lmcache_disagg.transfer.receiver import KVReceiver
-from lmcache_disagg.transfer.tcp_channel import header_checksum
+from lmcache_disagg.transfer.channels.frames import header_checksum
 from tests.transfer.utils import FP, RawPeer, make_config, wait_closed
 
 POISON = 0xAB
@@ -168,7 +168,7 @@ def test_control_messages(
     peer.send_raw(payload)
     assert peer.sock.poll(5000), "no reply (the control thread hung?)"
     peer.sock.recv()
-    for holder in target.rx.pool.holders():
+    for holder in target.rx.transfer_ids():
         if holder != "fuzz-target":
             target.rx.release(holder)
     assert target.outside_untouched()

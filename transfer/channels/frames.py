@@ -1,4 +1,4 @@
-"""Socket helpers of the TCP data channel (torch-free): exact reads, full writes, frame headers.
+"""Socket and frame helpers of the TCP channel (torch-free): exact reads, full writes, headers.
 
 The hot path allocates nothing per chunk beyond a few memoryview slices: headers are packed into a
 per-connection buffer, payloads are sent from and received into memoryviews of the pools.
