@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmcache_disagg.transfer.channels.frames import header_checksum
 from lmcache_disagg.transfer.protocol import (
     FRAME_CHUNK,
     FRAME_HEADER,
@@ -30,7 +31,6 @@ from lmcache_disagg.transfer.protocol import (
     encode,
 )
 from lmcache_disagg.transfer.receiver import KVReceiver
-from lmcache_disagg.transfer.channels.frames import header_checksum
 from tests.transfer.utils import FP, RawPeer, make_config, wait_closed
 
 POISON = 0xAB

@@ -224,8 +224,8 @@ class RawPeer:
     def data_conn(self, session: bytes | None = None) -> Any:
         import socket
 
-        from lmcache_disagg.transfer.protocol import FRAME_HEADER_SIZE, FRAME_HELLO
         from lmcache_disagg.transfer.channels.frames import pack_header
+        from lmcache_disagg.transfer.protocol import FRAME_HEADER_SIZE, FRAME_HELLO
 
         sock = socket.create_connection((self.host, self.data_port()), timeout=5)
         header = bytearray(FRAME_HEADER_SIZE)
@@ -245,8 +245,8 @@ class RawPeer:
         corrupt: bool = False,
     ) -> bytes:
         """Header + payload + trailer; ``corrupt`` flips one payload bit after checksumming."""
-        from lmcache_disagg.transfer.protocol import FRAME_CHUNK, FRAME_HEADER_SIZE, FRAME_TRAILER
         from lmcache_disagg.transfer.channels.frames import pack_header
+        from lmcache_disagg.transfer.protocol import FRAME_CHUNK, FRAME_HEADER_SIZE, FRAME_TRAILER
 
         header = bytearray(FRAME_HEADER_SIZE)
         slot = index if slot is None else slot
