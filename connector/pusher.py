@@ -20,6 +20,7 @@ cancellation).
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -83,6 +84,21 @@ class _Staged:
     keep: torch.Tensor | None = None
 
 
+class PushPhase(enum.Enum):
+    """Where a push is in its life. A failure (``_Push.failed``) can happen in any phase."""
+
+    OPENING = "OPENING"
+    """Queued for the opener thread (handshake + reservation)."""
+    OPEN = "OPEN"
+    """The opener is done (``handle`` or ``open_error`` set): gathering and writing chunks."""
+    SEALED = "SEALED"
+    """Every chunk was handed over and ``finish()`` called: waiting for D's verdict."""
+    SETTLED = "SETTLED"
+    """D acknowledged every chunk and the outcome was recorded."""
+    CANCELLED = "CANCELLED"
+    """The scheduler aborted the request (or the pusher shut down)."""
+
+
 @dataclass(eq=False)
 class _Push:
     req_id: str
@@ -92,10 +108,10 @@ class _Push:
     spans: list[tuple[int, int]]
     deadline: float
     started: float
-    # Set by the opener thread (under Pusher._lock).
+    # Set by the opener thread (under Pusher._lock), as is the OPENING -> OPEN transition.
     handle: HandleLike | None = None
     open_error: str | None = None
-    open_done: bool = False
+    phase: PushPhase = PushPhase.OPENING
     # Engine thread only.
     block_ids: list[int] = field(default_factory=list)
     ready_end: int = 0
@@ -104,11 +120,9 @@ class _Push:
     written: int = 0
     bytes: int = 0
     first_write: float = 0.0
-    finish_called: bool = False
     finished_requested: bool = False
-    cancelled: bool = False
+    """The scheduler handed the request's blocks over (``push_finished``)."""
     failed: str | None = None
-    outcome_recorded: bool = False
 
     @property
     def n_chunks(self) -> int:
@@ -235,7 +249,7 @@ class Pusher:
             self._opens.put_nowait(push)
         except queue.Full:
             push.failed = "open_queue_full"
-            push.open_done = True
+            push.phase = PushPhase.OPEN
             self._fail_count("open_queue_full", "too many pushes waiting for a reservation")
 
     def _progress(self, progress: PushProgress) -> None:
@@ -265,8 +279,9 @@ class Pusher:
             with self._lock:
                 push.handle = handle
                 push.open_error = error
-                push.open_done = True
-                cancelled = push.cancelled
+                if push.phase is PushPhase.OPENING:
+                    push.phase = PushPhase.OPEN
+                cancelled = push.phase is PushPhase.CANCELLED
             if handle is not None and cancelled:
                 handle.cancel()
             if error is not None:
@@ -274,7 +289,7 @@ class Pusher:
 
     def _pump(self, push: _Push) -> None:
         with self._lock:
-            if not push.open_done or push.cancelled:
+            if push.phase in (PushPhase.OPENING, PushPhase.CANCELLED):
                 return
             handle, error = push.handle, push.open_error
         if error is not None:
@@ -302,8 +317,8 @@ class Pusher:
             if not self._write_ready(push, handle):
                 return
         # Everything handed over: seal the push so D can verify and complete it.
-        if not push.finish_called and push.written == push.n_chunks and not push.staged:
-            push.finish_called = True
+        if push.phase is PushPhase.OPEN and push.written == push.n_chunks and not push.staged:
+            push.phase = PushPhase.SEALED
             try:
                 handle.finish()
             except (TransferError, ValueError) as exc:
@@ -368,7 +383,8 @@ class Pusher:
     def _settled(self, push: _Push, now: float) -> bool:
         """Nothing more will read this push's blocks or pages (and its outcome is recorded)."""
         status = PushStatus(PushState.PENDING)
-        if push.failed is None and push.finish_called and push.handle is not None:
+        sealed = push.phase in (PushPhase.SEALED, PushPhase.SETTLED)
+        if push.failed is None and sealed and push.handle is not None:
             status = push.handle.status()
         if status.state is PushState.PENDING and push.failed is None and now > push.deadline:
             self._mark_failed(push, "deadline", f"push {push.transfer_id} passed push_deadline")
@@ -380,8 +396,8 @@ class Pusher:
         if status.state is PushState.FAILED:
             self._mark_failed(push, status.reason or "push_failed", f"D refused: {status.reason}")
             return True
-        if not push.outcome_recorded:
-            push.outcome_recorded = True
+        if push.phase is PushPhase.SEALED:
+            push.phase = PushPhase.SETTLED
             elapsed = max(time.monotonic() - (push.first_write or push.started), 1e-6)
             self._stats.count("pushes")
             self._stats.count("bytes_sent", push.bytes)
@@ -409,7 +425,7 @@ class Pusher:
 
     def _cancel(self, push: _Push, reason: str) -> None:
         with self._lock:
-            push.cancelled = True
+            push.phase = PushPhase.CANCELLED
             handle = push.handle
         for staged in push.staged:
             self._copy.fence_compute(staged.completion)
