@@ -9,7 +9,7 @@ Two boundaries share this module:
   fixed :data:`FRAME_HEADER_SIZE`-byte header (:data:`FRAME_HEADER`), then (chunk frames) ``nbytes``
   payload bytes that the receiver reads straight into the reserved pool page, then an 8-byte
   trailer (:data:`FRAME_TRAILER`). The header's checksum field is an xxh3-64 over the header's
-  first 40 bytes and the key, verified before any payload byte is written anywhere; the trailer is
+  first 36 bytes and the key, verified before any payload byte is written anywhere; the trailer is
   the xxh3-64 of the payload. Putting the payload checksum last lets both ends hash each slice
   while it is hot in cache (the sender right before sending it, the receiver right after reading).
 
@@ -19,7 +19,8 @@ PROTOCOL_VERSION history (bump on any incompatible change; add fields only at th
 * 2 (2026-12-02): channels are advertised generically: ``Hello.channels`` (what P can push over,
   in its order of preference) and ``HelloReply.channels`` (what D accepts) carry
   :class:`ChannelOffer` entries whose ``params`` each channel module encodes itself; they replace
-  ``want_nixl``/``nixl_*`` of both and ``data_port``/``pool_base`` of the reply.
+  ``want_nixl``/``nixl_*`` of both and ``data_port``/``pool_base`` of the reply. TCP frame headers
+  and NIXL notifications drop the ``slot`` field (it always equalled ``index``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import msgspec
 __all__ = [
     "CONTROL_MAX_MESSAGE",
     "DTYPE_SIZES",
+    "FRAME_CHECKSUM_SPAN",
     "FRAME_CHUNK",
     "FRAME_HEADER",
     "FRAME_HEADER_SIZE",
@@ -343,13 +345,15 @@ FRAME_CHUNK: Final = 1
 FRAME_HELLO: Final = 2
 """First frame on a data connection: ``key`` holds the session id, ``nbytes`` = 0."""
 
-# magic, version, kind, flags, handle, slot, index, nbytes, num_tokens, key_len, reserved,
-# header checksum, key (zero padded to MAX_KEY_BYTES). The header checksum covers bytes [0, 40) and
-# key[:key_len]; chunk frames end with FRAME_TRAILER = xxh3-64 of the payload.
-FRAME_HEADER: Final = struct.Struct(f"<4sBBHQIIQIHHQ{MAX_KEY_BYTES}s")
+# magic, version, kind, flags, handle, index, nbytes, num_tokens, key_len, reserved,
+# header checksum, key (zero padded to MAX_KEY_BYTES). The header checksum covers bytes [0, 36) and
+# key[:key_len]; chunk frames end with FRAME_TRAILER = xxh3-64 of the payload. Chunk ``index`` is
+# also the reservation slot it lands in (D's ReserveReply lists the page of each slot).
+FRAME_HEADER: Final = struct.Struct(f"<4sBBHQIQIHHQ{MAX_KEY_BYTES}s")
 FRAME_HEADER_SIZE: Final = FRAME_HEADER.size
-FRAME_CHECKSUM_SPAN: Final = 40
+FRAME_CHECKSUM_SPAN: Final = 36
 FRAME_TRAILER: Final = struct.Struct("<Q")
 
-# NIXL notification attached to each WRITE: b"K" + struct below + key[:key_len].
-NIXL_NOTIF: Final = struct.Struct("<cQIIQIH")
+# NIXL notification attached to each WRITE: b"K" + struct below + key[:key_len]; the fields are
+# handle, index, nbytes, num_tokens, key_len.
+NIXL_NOTIF: Final = struct.Struct("<cQIQIH")

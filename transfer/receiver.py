@@ -333,7 +333,7 @@ class KVReceiver:
         return self._sessions.live(session)
 
     def begin_chunk(
-        self, session: Session, handle: int, slot: int, index: int, nbytes: int, num_tokens: int
+        self, session: Session, handle: int, index: int, nbytes: int, num_tokens: int
     ) -> ChunkTarget | str:
         """Validate a chunk's addressing. Returns where to write it (slot marked WRITING) or a
         reason string for a chunk to drain and ignore; raises ProtocolViolation when the peer
@@ -350,9 +350,10 @@ class KVReceiver:
                 raise ProtocolViolation(f"unknown transfer handle {handle}")
             if t.session is not session:
                 raise ProtocolViolation("frame for a transfer reserved by another session")
-            if slot != index or not 0 <= slot < len(t.pages):
+            slot = index
+            if not 0 <= slot < len(t.pages):
                 raise ProtocolViolation(
-                    f"slot {slot}/index {index} outside the reservation of {len(t.pages)} pages"
+                    f"chunk {index} outside the reservation of {len(t.pages)} pages"
                 )
             if t.state is not RecvState.RECEIVING:
                 return "write_after_" + t.state.value.lower()

@@ -229,7 +229,7 @@ class RawPeer:
 
         sock = socket.create_connection((self.host, self.data_port()), timeout=5)
         header = bytearray(FRAME_HEADER_SIZE)
-        pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, session or self.session)
+        pack_header(header, FRAME_HELLO, 0, 0, 0, 0, session or self.session)
         sock.sendall(header)
         return sock
 
@@ -241,7 +241,6 @@ class RawPeer:
         num_tokens: int,
         key: bytes = b"k",
         *,
-        slot: int | None = None,
         corrupt: bool = False,
     ) -> bytes:
         """Header + payload + trailer; ``corrupt`` flips one payload bit after checksumming."""
@@ -249,8 +248,7 @@ class RawPeer:
         from lmcache_disagg.transfer.protocol import FRAME_CHUNK, FRAME_HEADER_SIZE, FRAME_TRAILER
 
         header = bytearray(FRAME_HEADER_SIZE)
-        slot = index if slot is None else slot
-        pack_header(header, FRAME_CHUNK, handle, slot, index, len(payload), num_tokens, key)
+        pack_header(header, FRAME_CHUNK, handle, index, len(payload), num_tokens, key)
         trailer = FRAME_TRAILER.pack(xxhash.xxh3_64_intdigest(payload))
         body = bytearray(payload)
         if corrupt and body:

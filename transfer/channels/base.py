@@ -155,7 +155,7 @@ class ChunkSink(Protocol):
         ...
 
     def begin_chunk(
-        self, session: Session, handle: int, slot: int, index: int, nbytes: int, num_tokens: int
+        self, session: Session, handle: int, index: int, nbytes: int, num_tokens: int
     ) -> ChunkTarget | str:
         """Validate a chunk's addressing; a :class:`ChunkTarget` to write into, or the reason
         to drop the chunk. Raises ProtocolViolation when the peer can no longer be trusted."""

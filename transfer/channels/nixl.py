@@ -187,7 +187,7 @@ class NixlLink(SendLink):
                     continue
                 key = item.key
                 notif = NIXL_NOTIF.pack(
-                    b"K", handle.handle, index, index, nbytes, item.num_tokens, len(key)
+                    b"K", handle.handle, index, nbytes, item.num_tokens, len(key)
                 )
                 remote_addr = pool_base + handle.pages[index] * remote_page_bytes
                 try:
@@ -297,11 +297,11 @@ class NixlReceiveChannel(ReceiveChannel):
     def _on_notif(sink: ChunkSink, session: Session, message: bytes) -> None:
         if len(message) < NIXL_NOTIF.size:
             raise ProtocolViolation("short notification")
-        tag, handle, slot, index, nbytes, num_tokens, key_len = NIXL_NOTIF.unpack_from(message)
+        tag, handle, index, nbytes, num_tokens, key_len = NIXL_NOTIF.unpack_from(message)
         if tag != b"K" or key_len > MAX_KEY_BYTES or len(message) != NIXL_NOTIF.size + key_len:
             raise ProtocolViolation("malformed notification")
         key = bytes(message[NIXL_NOTIF.size :])
-        begun = sink.begin_chunk(session, handle, slot, index, nbytes, num_tokens)
+        begun = sink.begin_chunk(session, handle, index, nbytes, num_tokens)
         if isinstance(begun, str):
             sink.metrics.failure(begun)
             return

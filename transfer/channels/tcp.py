@@ -117,7 +117,7 @@ class TcpSendChannel(SendChannel):
         try:
             set_io_timeouts(sock)
             header = bytearray(FRAME_HEADER_SIZE)
-            pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, session)
+            pack_header(header, FRAME_HELLO, 0, 0, 0, 0, session)
             send_all(sock, (header,), time.monotonic() + self._handshake_timeout, self._stop)
         except BaseException:
             sock.close()
@@ -196,7 +196,6 @@ class TcpLink(SendLink):
                     header,
                     FRAME_CHUNK,
                     handle.handle,
-                    chunk.index,
                     chunk.index,
                     nbytes,
                     chunk.num_tokens,
@@ -377,9 +376,7 @@ class TcpReceiveChannel(ReceiveChannel):
         page_bytes = self._pool.page_bytes
         if not recv_exact(sock, hview, stop, idle_ok=False, stall_timeout=stall):
             return
-        magic, version, kind, _f, _h, _s, _i, nbytes, _n, key_len, _r, checksum, keyf = unpack(
-            header
-        )
+        magic, version, kind, _f, _h, _i, nbytes, _n, key_len, _r, checksum, keyf = unpack(header)
         if magic != FRAME_MAGIC or version != PROTOCOL_VERSION or kind != FRAME_HELLO:
             raise ProtocolViolation("data connection did not start with a hello frame")
         sid_len = SESSION_ID_BYTES
@@ -412,7 +409,6 @@ class TcpReceiveChannel(ReceiveChannel):
                 kind,
                 _f,
                 handle,
-                slot,
                 index,
                 nbytes,
                 num_tokens,
@@ -428,7 +424,7 @@ class TcpReceiveChannel(ReceiveChannel):
             key = bytes(keyf[:key_len])
             if header_checksum(header, key) != checksum:
                 raise ProtocolViolation("frame header checksum mismatch")
-            begun = sink.begin_chunk(session, handle, slot, index, nbytes, num_tokens)
+            begun = sink.begin_chunk(session, handle, index, nbytes, num_tokens)
             if isinstance(begun, str):
                 sink.metrics.failure(begun)
                 remaining = nbytes + FRAME_TRAILER.size
