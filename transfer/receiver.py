@@ -31,7 +31,8 @@ from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.netaddr import is_loopback
 from lmcache_disagg.transfer import session as sessions
 from lmcache_disagg.transfer.channels.base import ReceiveChannel
-from lmcache_disagg.transfer.channels.tcp import MAX_DATA_CONNECTIONS, TcpReceiveChannel
+from lmcache_disagg.transfer.channels.select import receive_channels
+from lmcache_disagg.transfer.channels.tcp import MAX_DATA_CONNECTIONS
 from lmcache_disagg.transfer.errors import (
     AuthenticationFailed,
     DuplicateTransfer,
@@ -110,13 +111,12 @@ class KVReceiver:
             )
         self.metrics.pool_pages_total.set(n_pages)
         self.endpoint = ""
-        self.channel_kind = "tcp"
+        self.channel_kind = ""
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._sessions = SessionTable()
         self._channels: dict[str, ReceiveChannel] = {}
-        self._tcp: TcpReceiveChannel | None = None
         self._by_id: dict[str, Reservation] = {}
         self._by_handle: dict[int, Reservation] = {}
         self._tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -165,7 +165,7 @@ class KVReceiver:
         self.endpoint = f"{host}:{port}"
         self._wakeup = Wakeup()
         try:
-            self._channels = self._make_channels(host)
+            self._channels = {c.name: c for c in receive_channels(self.config, self.pool, host)}
         except BaseException:
             self.shutdown()
             raise
@@ -191,37 +191,6 @@ class KVReceiver:
         thread = threading.Thread(target=self._ctl_loop, name="lmcd-rx-ctl", daemon=True)
         thread.start()
         self._threads.append(thread)
-
-    def _make_channels(self, host: str) -> dict[str, ReceiveChannel]:
-        """The channels this receiver accepts, most capable first."""
-        config = self.config
-        channels: dict[str, ReceiveChannel] = {}
-        if self.pool.view is not None:
-            # Bound before NIXL starts, so a busy data port is a clear start error.
-            self._tcp = TcpReceiveChannel(
-                self.pool,
-                host,
-                config.data_port,
-                config.advertised_data_port,
-                config.handshake_timeout,
-            )
-        if config.channel in ("auto", "nixl"):
-            try:
-                from lmcache_disagg.transfer.channels.nixl import NixlReceiveChannel, make_agent
-
-                agent = make_agent(
-                    "lmcd-rx", config.nixl_backends, config.nixl_progress_thread, self.pool.pages
-                )
-                channels["nixl"] = NixlReceiveChannel(agent)
-            except Exception as exc:
-                if config.channel == "nixl":
-                    if self._tcp is not None:
-                        self._tcp.shutdown()
-                    raise TransferError(f"channel nixl requested but NIXL failed: {exc}") from exc
-                logger.info("NIXL unavailable (%s); receiving over TCP only", exc)
-        if self._tcp is not None:
-            channels["tcp"] = self._tcp
-        return channels
 
     def shutdown(self) -> None:
         """Stop threads, close sockets. Idempotent; pages are not freed (the process is ending)."""
@@ -320,7 +289,7 @@ class KVReceiver:
     @property
     def data_port(self) -> int:
         """The TCP data port actually bound (0 before start or without a TCP channel)."""
-        return self._tcp.port if self._tcp is not None else 0
+        return max((channel.data_port for channel in self._channels.values()), default=0)
 
     # -- the channels' sink (any channel thread) --------------------------------------------------
 

@@ -35,7 +35,7 @@ from lmcache_disagg.transfer.channels.base import (
     SendLink,
 )
 from lmcache_disagg.transfer.channels.frames import Stopped
-from lmcache_disagg.transfer.channels.tcp import TcpSendChannel
+from lmcache_disagg.transfer.channels.select import send_channels
 from lmcache_disagg.transfer.control import ControlLoop
 from lmcache_disagg.transfer.errors import (
     AuthenticationFailed,
@@ -473,39 +473,9 @@ class KVSender:
         self._ctx = zmq.Context()
         self._ctl = ControlLoop(self._ctx, self._housekeeping, self.on_unmatched)
         self._ctl.start()
-        self._channels = self._make_channels()
-
-    def _make_channels(self) -> list[SendChannel]:
-        """The channels to offer, most preferred first (``channel``: auto, nixl or tcp)."""
-        config = self.config
-        channels: list[SendChannel] = []
-        if config.channel in ("auto", "nixl"):
-            try:
-                from lmcache_disagg.transfer.channels.nixl import NixlSendChannel, make_agent
-
-                agent = make_agent(
-                    "lmcd-tx",
-                    config.nixl_backends,
-                    config.nixl_progress_thread,
-                    self.send_pool.pages,
-                )
-                channels.append(
-                    NixlSendChannel(agent, self.send_pool.page_bytes, self.fingerprint.page_bytes)
-                )
-            except Exception as exc:
-                if config.channel == "nixl":
-                    raise TransferError(f"channel nixl requested but NIXL failed: {exc}") from exc
-                logger.info("NIXL unavailable (%s); pushing over TCP", exc)
-        if config.channel in ("auto", "tcp"):
-            channels.append(
-                TcpSendChannel(
-                    self.send_pool,
-                    config.connect_timeout,
-                    config.handshake_timeout,
-                    self.stopping,
-                )
-            )
-        return channels
+        self._channels = send_channels(
+            self.config, self.send_pool, self.fingerprint.page_bytes, self.stopping
+        )
 
     def shutdown(self) -> None:
         """Stop data threads, close sockets. Idempotent."""

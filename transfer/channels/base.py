@@ -184,6 +184,11 @@ class ReceiveChannel(abc.ABC):
     def accept(self, session: Session, params: bytes) -> bytes | None:
         """Answer P's offer of this channel: D's parameters, or None to decline."""
 
+    @property
+    def data_port(self) -> int:
+        """The TCP port this channel listens on (0: none)."""
+        return 0
+
     def busy(self) -> bool:
         """True while :meth:`poll` has work to look for (the control thread polls faster)."""
         return False

@@ -291,7 +291,7 @@ class TcpReceiveChannel(ReceiveChannel):
         self._stop = threading.Event()
 
     @property
-    def port(self) -> int:
+    def data_port(self) -> int:
         """The port actually bound."""
         return int(self._listener.getsockname()[1])
 
@@ -302,7 +302,7 @@ class TcpReceiveChannel(ReceiveChannel):
         self._thread.start()
 
     def accept(self, session: Session, params: bytes) -> bytes | None:
-        return encode_params(TcpAccept(self._advertised or self.port))
+        return encode_params(TcpAccept(self._advertised or self.data_port))
 
     def shutdown(self) -> None:
         with self._lock:
