@@ -1,1 +1,32 @@
-"""Benchmarks and their tooling (load generators, stub workers), apart from the product code."""
+"""Benchmarks and their tooling (``lmcache-disagg bench ...``), kept apart from the product packages.
+
+* :mod:`.transfer` - the KV transfer channel against its raw baseline (plain sockets, bare NIXL).
+* :mod:`.kernels`  - gather/scatter bandwidth next to ``copy_``.
+* :mod:`.e2e`      - monolithic vLLM vs our PD vs stock NixlConnector behind our proxy.
+* ``proxy``        - the proxy against other routers on stub workers.
+* :mod:`.cache`    - TTFT cold vs warm from each tier of the chunk store, the scatter limit, the
+  storing overhead and a multi-round chat with and without the cache.
+
+Each module exposes ``main(argv: list[str]) -> int`` and is imported only when it runs, so
+``lmcache-disagg --help`` stays instant. Results and their method are in the README's benchmark
+section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+__all__ = ["BENCH_MODULES"]
+
+BENCH_MODULES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "transfer": "lmcache_disagg.bench.transfer",
+        "proxy": "lmcache_disagg.proxy.bench",
+        "kernels": "lmcache_disagg.bench.kernels",
+        "e2e": "lmcache_disagg.bench.e2e",
+        "cache": "lmcache_disagg.bench.cache",
+    }
+)
+"""Bench target -> module exposing ``main(argv: list[str]) -> int``."""
