@@ -21,7 +21,7 @@ __all__ = ["main"]
 # bench target -> module exposing ``main(argv: list[str]) -> int``
 BENCHES = {
     "transfer": "lmcache_disagg.transfer.bench",
-    "proxy": "lmcache_disagg.proxy.bench",
+    "proxy": "lmcache_disagg.bench.proxy",
     "kernels": "lmcache_disagg.kernels.bench",
     "e2e": "lmcache_disagg.bench_e2e",
 }

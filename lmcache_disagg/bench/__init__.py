@@ -1,0 +1,1 @@
+"""Benchmarks and their tooling (stub workers, load generators); not imported by the runtime."""
