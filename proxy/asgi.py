@@ -36,6 +36,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 ABORT_EXTENSION = "lmcache_disagg.abort"
 _SSE_HEADERS = ((b"cache-control", b"no-cache"),)
+_SLICE = 256 * 1024
 
 
 class ClientGone(Exception):
@@ -113,10 +114,19 @@ async def send_reply(
     """
     try:
         if reply.stream is None:
-            await _send(send, _head(reply, len(reply.body)), write_timeout)
+            body = reply.body
+            await _send(send, _head(reply, len(body)), write_timeout)
+            # A server waits for the client to drain before a send, not after it: a large body
+            # goes out in slices so that each waits (bounded by the write timeout).
+            cut = (len(body) - 1) // _SLICE * _SLICE if body else 0
+            for start in range(0, cut, _SLICE):
+                piece = body[start : start + _SLICE]
+                await _send(send, {"type": "http.response.body", "body": piece, "more_body": True},
+                            write_timeout)  # fmt: skip
             if watch is not None:
                 watch.done = True
-            await _send(send, {"type": "http.response.body", "body": reply.body}, write_timeout)
+            last = body[cut:] if cut else body
+            await _send(send, {"type": "http.response.body", "body": last}, write_timeout)
             return
         await _send(send, _head(reply, None), write_timeout)
         async for chunk in reply.stream:
