@@ -7,8 +7,10 @@ what uvicorn does not do at the header phase:
   endless header line cannot grow the process (answered 400, connection closed);
 * a deadline for the headers once a request has begun (``header_timeout``; answered 408), so a
   client trickling its headers cannot hold a connection forever;
-* the ``lmcache_disagg.abort`` scope extension, with which the generate routes drop a client that
-  stopped reading (asgi.py).
+* a write deadline: a connection whose writes stay paused (the client does not read) for
+  ``write_timeout`` seconds is dropped, on every route;
+* the scope extensions of asgi.py: ``abort``, ``on_disconnect`` (a callback on connection loss,
+  cheaper than a task per request watching ``receive()``) and ``write_timeout``.
 
 Everything else (pipelining, ``100-continue`` only when the body is read, HEAD without a body,
 ``lenient_data_after_close``) is uvicorn's. ``--workers N`` runs uvicorn's multiprocess
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -32,7 +35,11 @@ from uvicorn.supervisors import Multiprocess
 
 from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.app import create_app
-from lmcache_disagg.proxy.asgi import ABORT_EXTENSION
+from lmcache_disagg.proxy.asgi import (
+    ABORT_EXTENSION,
+    DISCONNECT_EXTENSION,
+    WRITE_TIMEOUT_EXTENSION,
+)
 from lmcache_disagg.proxy.settings import ProxySettings
 
 __all__ = ["ProxyConfig", "ProxyHttpProtocol", "make_listen_socket", "run"]
@@ -44,11 +51,18 @@ class ProxyConfig(uvicorn.Config):
     """uvicorn's Config plus the header-phase limits read by :class:`ProxyHttpProtocol`."""
 
     def __init__(
-        self, app: Any, *, max_header_bytes: int, header_timeout: float, **kwargs: Any
+        self,
+        app: Any,
+        *,
+        max_header_bytes: int,
+        header_timeout: float,
+        write_timeout: float,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
+        self.write_timeout = write_timeout
 
 
 def _reject(transport: asyncio.Transport, status: int, reason: bytes, message: bytes) -> None:
@@ -74,6 +88,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # raw bytes read in the header phase (catches endless lines)
         self._parsed_bytes = 0  # request line and header fields parsed so far
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timeout: float = getattr(config, "write_timeout", 60.0)
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._on_lost: Callable[[], None] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._in_headers:
@@ -108,6 +125,30 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         extensions: dict[Any, Any] = self.scope.setdefault("extensions", {})
         extensions[ABORT_EXTENSION] = self.transport.abort
+        extensions[DISCONNECT_EXTENSION] = self._register_on_lost
+        extensions[WRITE_TIMEOUT_EXTENSION] = self._write_timeout
+
+    def _register_on_lost(self, callback: Callable[[], None]) -> Callable[[], None]:
+        self._on_lost = callback
+        return self._unregister_on_lost
+
+    def _unregister_on_lost(self) -> None:
+        self._on_lost = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self._write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        self.transport.abort()  # the client stopped reading
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -115,7 +156,13 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -167,6 +214,7 @@ def build_config(settings: ProxySettings, log_level: str = "info") -> ProxyConfi
         factory=True,
         max_header_bytes=settings.max_header_bytes,
         header_timeout=settings.header_timeout,
+        write_timeout=settings.write_timeout,
         loop="uvloop",
         http=ProxyHttpProtocol,
         ws="none",
@@ -175,6 +223,7 @@ def build_config(settings: ProxySettings, log_level: str = "info") -> ProxyConfi
         log_level=log_level.lower(),
         access_log=False,
         server_header=False,
+        proxy_headers=False,
         timeout_keep_alive=int(max(settings.keep_alive_timeout, 1)),
         timeout_graceful_shutdown=int(max(settings.shutdown_grace, 1)),
         workers=settings.workers,
