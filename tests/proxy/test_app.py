@@ -121,3 +121,28 @@ def test_openapi_describes_the_admin_api_and_docs_are_behind_a_flag(cluster: Clu
     assert httpx.get(documented.url + "/docs", timeout=5).status_code == 200
     served = httpx.get(documented.url + "/openapi.json", timeout=5).json()
     assert "/workers" in served["paths"]
+
+
+def test_middleware_added_to_the_app_itself_wraps_the_generate_routes() -> None:
+    import asyncio
+
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import JSONResponse
+
+    class Refuse(BaseHTTPMiddleware):
+        async def dispatch(self, request, call_next):  # type: ignore[no-untyped-def]
+            return JSONResponse({"middleware": request.url.path}, status_code=418)
+
+    app = create_app(ProxySettings(decode=(parse_worker_spec("decode", "127.0.0.1:9"),)))
+    app.add_middleware(Refuse)
+
+    async def call() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            return [
+                await client.post(path, json=completion())
+                for path in ("/v1/completions", "/v1/chat/completions")
+            ]
+
+    for resp in asyncio.run(call()):
+        assert resp.status_code == 418 and resp.json()["middleware"].startswith("/v1/")
