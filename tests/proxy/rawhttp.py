@@ -33,7 +33,7 @@ class RawReader:
         self.buf = b""
         self.closed = False
 
-    def _more(self) -> None:
+    def more(self) -> None:
         chunk = self.sock.recv(65536)
         if not chunk:
             self.closed = True
@@ -42,18 +42,18 @@ class RawReader:
 
     def _need(self, n: int) -> None:
         while len(self.buf) < n:
-            self._more()
+            self.more()
 
     def _line(self) -> bytes:
         while b"\r\n" not in self.buf:
-            self._more()
+            self.more()
         line, _, self.buf = self.buf.partition(b"\r\n")
         return line
 
     def response(self, head_request: bool = False) -> RawResponse:
         """The next response (its body read by Content-Length, chunked or close framing)."""
         while b"\r\n\r\n" not in self.buf:
-            self._more()
+            self.more()
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         status = int(lines[0].split(b" ")[1])
@@ -84,7 +84,7 @@ class RawReader:
         else:
             with contextlib.suppress(EOFError):
                 while True:
-                    self._more()
+                    self.more()
             body, self.buf = self.buf, b""
         return RawResponse(status, headers, body, head)
 

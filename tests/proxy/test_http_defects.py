@@ -209,7 +209,7 @@ def test_7_a_client_that_does_not_read_a_whole_answer_is_dropped(cluster: Cluste
         sock.sendall(post("/v1/completions", _body(max_tokens=900_000)))
         reader = RawReader(sock)
         while b"\r\n\r\n" not in reader.buf:
-            reader._more()
+            reader.more()
         length = int(reader.buf.split(b"content-length: ")[1].split(b"\r\n")[0])
         assert length > 8 * 1024 * 1024
         time.sleep(3)  # not reading, well past the write timeout
