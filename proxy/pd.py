@@ -307,7 +307,7 @@ class PDFlow:
                 if reply.stream is None:
                     self._leave(worker, tokens)
                 else:
-                    reply.release = self._releaser(worker, tokens)
+                    reply.release = self._releaser(worker, tokens, reply.release)
                 return reply
             # Retry before the first byte on another D. The KV (if any) went to the failed D,
             # so the new D either prefills locally or gets a fresh push.
@@ -328,9 +328,13 @@ class PDFlow:
             raise last_error
         raise NoWorkerAvailable("no healthy decode worker")
 
-    def _releaser(self, worker: Worker, tokens: int) -> Callable[[], None]:
+    def _releaser(
+        self, worker: Worker, tokens: int, then: Callable[[], None] | None
+    ) -> Callable[[], None]:
         def release() -> None:
             self._leave(worker, tokens)
+            if then is not None:
+                then()
 
         return release
 
@@ -343,46 +347,47 @@ class PDFlow:
     ) -> Reply:
         """One attempt on D. Raises when it failed before anything could reach the client."""
         timeouts = self._s.timeouts
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()  # deadlines
         started = time.perf_counter()  # reported timings
         first_deadline = timeouts.first_byte if ctx.stream else timeouts.decode
-        up = await self._client.open(worker, "POST", ctx.path, payload, headers, first_deadline)
-        handed_over = False
+        up: UpstreamStream | None = None
         try:
-            if up.status != 200:
-                remaining = max(first_deadline - (loop.time() - t0), 0.0)
-                data = await up.read_all(remaining, self._client.max_response)
-                raise UpstreamStatusError(worker.http, up.status, data)
-            if not ctx.stream:
-                remaining = max(first_deadline - (loop.time() - t0), 0.0)
-                data = await up.read_all(remaining, self._client.max_response)
-                self._success(worker)
-                elapsed = time.perf_counter() - started
-                ctx.ttft_ms = elapsed * 1000.0
-                self._m.decode_ttft_seconds.observe(elapsed)
-                data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
-                ctx.status = up.status
-                return Reply(up.status, data, self._resp_headers(ctx))
-            first = await up.read(max(first_deadline - (loop.time() - t0), 0.0))
-            if not first:
-                raise UpstreamStatusError(worker.http, 502, b"")
-            self._success(worker)
-            elapsed = time.perf_counter() - started
-            ctx.ttft_ms = elapsed * 1000.0
-            self._m.decode_ttft_seconds.observe(elapsed)
-            ctx.status = up.status
-            reply = Reply(
-                up.status,
-                headers=self._resp_headers(ctx),
-                content_type=EVENT_STREAM,
-                stream=self._relay(ctx, up, first),
-            )
-            handed_over = True
-            return reply
-        finally:
-            if not handed_over:
+            # One deadline until the first byte (streaming) or the whole answer (not streaming).
+            async with asyncio.timeout(first_deadline):
+                up = await self._client.open(worker, "POST", ctx.path, payload, headers, None)
+                if up.status != 200:
+                    data = await up.read_all(None, self._client.max_response)
+                    raise UpstreamStatusError(worker.http, up.status, data)
+                if ctx.stream:
+                    first = await up.read(None)
+                    if not first:
+                        raise UpstreamStatusError(worker.http, 502, b"")
+                else:
+                    data = await up.read_all(None, self._client.max_response)
+        except TimeoutError as exc:
+            if up is not None:
                 up.aclose()
+            what = "no first byte" if ctx.stream else "no complete answer"
+            raise UpstreamTimeout(worker.http, f"{what} within the deadline") from exc
+        except BaseException:
+            if up is not None:
+                up.aclose()
+            raise
+        self._success(worker)
+        elapsed = time.perf_counter() - started
+        ctx.ttft_ms = elapsed * 1000.0
+        self._m.decode_ttft_seconds.observe(elapsed)
+        ctx.status = up.status
+        if not ctx.stream:
+            up.aclose()  # read to its end: the connection goes back to the pool
+            data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
+            return Reply(up.status, data, self._resp_headers(ctx))
+        return Reply(
+            up.status,
+            headers=self._resp_headers(ctx),
+            content_type=EVENT_STREAM,
+            stream=self._relay(ctx, up, first),
+            release=up.aclose,  # also when the stream is closed before it was iterated
+        )
 
     async def _relay(
         self, ctx: RequestContext, up: UpstreamStream, first: bytes

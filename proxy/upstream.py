@@ -86,25 +86,30 @@ class UpstreamStream:
             raise UpstreamUnavailable(self._worker.http, f"stream broken: {exc!r}") from exc
 
     async def read_all(self, timeout: float | None, limit: int) -> bytes:
-        """The whole remaining body, within ``timeout`` seconds and ``limit`` bytes."""
-        content = self._resp.content
-        parts: list[bytes] = []
-        size = 0
+        """The whole remaining body, within ``timeout`` seconds (None: the caller's deadline)
+        and ``limit`` bytes."""
         try:
+            if timeout is None:
+                return await self._read_all(limit)
             async with asyncio.timeout(timeout):
-                while True:
-                    data = await content.readany()
-                    if not data:
-                        break
-                    parts.append(data)
-                    size += len(data)
-                    if size > limit:
-                        raise UpstreamUnavailable(self._worker.http, "response body too large")
+                return await self._read_all(limit)
         except TimeoutError as exc:
             raise UpstreamTimeout(self._worker.http, "body not complete in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(self._worker.http, f"body broken: {exc!r}") from exc
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_all(self, limit: int) -> bytes:
+        content = self._resp.content
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            data = await content.readany()
+            if not data:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.append(data)
+            size += len(data)
+            if size > limit:
+                raise UpstreamUnavailable(self._worker.http, "response body too large")
 
     def aclose(self) -> None:
         """Return the connection to the pool if the answer was read to its end, else close it."""
@@ -178,22 +183,35 @@ class UpstreamClient:
         assert session is not None, "UpstreamClient.start() was not called"
         url = self._url(worker, path)
         try:
-            async with asyncio.timeout(timeout):
-                for attempt in range(1, _CONNECT_ATTEMPTS + 1):
-                    try:
-                        resp = await session.request(
-                            method, url, data=body, headers=headers, allow_redirects=False
-                        )
-                        break
-                    except ClientConnectorError:
-                        # Could not connect: nothing was sent, so one more try is safe.
-                        if attempt == _CONNECT_ATTEMPTS:
-                            raise
+            if timeout is None:
+                resp = await self._send(session, method, url, body, headers)
+            else:
+                async with asyncio.timeout(timeout):
+                    resp = await self._send(session, method, url, body, headers)
         except TimeoutError as exc:
             raise UpstreamTimeout(worker.http, "no response within the deadline") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable(worker.http, f"request failed: {exc!r}") from exc
         return UpstreamStream(resp, worker)
+
+    @staticmethod
+    async def _send(
+        session: aiohttp.ClientSession,
+        method: str,
+        url: URL,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+    ) -> aiohttp.ClientResponse:
+        for attempt in range(1, _CONNECT_ATTEMPTS + 1):
+            try:
+                return await session.request(
+                    method, url, data=body, headers=headers, allow_redirects=False
+                )
+            except ClientConnectorError:
+                # Could not connect: nothing was sent, so one more try is safe.
+                if attempt == _CONNECT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     async def fetch(
         self,
@@ -205,12 +223,13 @@ class UpstreamClient:
         timeout: float | None,
     ) -> tuple[int, bytes]:
         """Send a request and read the whole answer, all within ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        stream = await self.open(worker, method, path, body, headers, timeout)
         try:
-            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-            data = await stream.read_all(remaining, self.max_response)
-        finally:
-            stream.aclose()
+            async with asyncio.timeout(timeout):  # one deadline for the whole exchange
+                stream = await self.open(worker, method, path, body, headers, None)
+                try:
+                    data = await stream.read_all(None, self.max_response)
+                finally:
+                    stream.aclose()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(worker.http, "no complete answer within the deadline") from exc
         return stream.status, data
