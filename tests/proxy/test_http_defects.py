@@ -365,3 +365,46 @@ def test_13_no_post_retry_after_failure_on_a_reused_connection(
         (fake.posts[0].conn, 1),
         (fake.posts[0].conn, 2),
     ]
+
+
+# -- what the old server did better, kept ---------------------------------------------------
+def test_kept_body_and_header_deadlines(cluster: Cluster) -> None:
+    """A body or headers that do not arrive in time get 408 and the connection is closed."""
+    proxy = cluster.proxy(extra=["--body-timeout", "0.5", "--header-timeout", "0.5"])
+    with connect(proxy.addr) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"prompt":'
+        )
+        reader = RawReader(sock)
+        answer = reader.response()
+        assert answer.status == 408 and json.loads(answer.body)["error"]["code"] == 408
+        with pytest.raises(EOFError):
+            reader.response()
+    with connect(proxy.addr) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nx-slow: 1\r\n")  # headers never end
+        reader = RawReader(sock)
+        answer = reader.response()
+        assert answer.status == 408
+        with pytest.raises(EOFError):
+            reader.response()
+    assert cluster["d0"].requests() == []
+
+
+def test_kept_body_limit_refused_before_the_body_is_read(cluster: Cluster) -> None:
+    """A declared Content-Length over --max-body is answered 413 at once; so is a chunked body
+    as soon as it passes the limit."""
+    proxy = cluster.proxy(extra=["--max-body", "2000"])
+    with connect(proxy.addr) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 50000000\r\n\r\n"
+        )
+        answer = RawReader(sock).response()  # answered without the 50 MB being sent
+        assert answer.status == 413
+    with connect(proxy.addr) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        sock.sendall(b"%x\r\n%s\r\n" % (3000, b"x" * 3000))  # over the limit, never finished
+        answer = RawReader(sock).response()
+        assert answer.status == 413
