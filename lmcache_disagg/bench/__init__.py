@@ -3,7 +3,8 @@
 * :mod:`.transfer` - the KV transfer channel against its raw baseline (plain sockets, bare NIXL).
 * :mod:`.kernels`  - gather/scatter bandwidth next to ``copy_``.
 * :mod:`.e2e`      - monolithic vLLM vs our PD vs stock NixlConnector behind our proxy.
-* ``proxy``        - the proxy against other routers on stub workers.
+* :mod:`.proxy`    - the proxy against vllm-router on stub workers (:mod:`.stub_worker`,
+  :mod:`.loadgen`), the fault soak and the upstream-client comparison (:mod:`.clients`).
 * :mod:`.cache`    - TTFT cold vs warm from each tier of the chunk store, the scatter limit, the
   storing overhead and a multi-round chat with and without the cache.
 
@@ -23,7 +24,7 @@ __all__ = ["BENCH_MODULES"]
 BENCH_MODULES: Final[Mapping[str, str]] = MappingProxyType(
     {
         "transfer": "lmcache_disagg.bench.transfer",
-        "proxy": "lmcache_disagg.proxy.bench",
+        "proxy": "lmcache_disagg.bench.proxy",
         "kernels": "lmcache_disagg.bench.kernels",
         "e2e": "lmcache_disagg.bench.e2e",
         "cache": "lmcache_disagg.bench.cache",
