@@ -156,6 +156,17 @@ class KVEventPublisher:
         with self._lock:
             return PublisherStats(**vars(self._stats))
 
+    @property
+    def sequence(self) -> int:
+        """The last batch sequence number assigned (0: none yet)."""
+        with self._lock:
+            return self._seq
+
+    def idle(self) -> bool:
+        """Nothing waits for the next batch (every recorded event has a sequence number)."""
+        with self._lock:
+            return not self._pending.events and not self._pending.overflowed
+
     def tracked_keys(self) -> int:
         with self._lock:
             return len(self._keys)
