@@ -155,6 +155,26 @@ class CacheAwarePolicy:
         """Predicted leading cached tokens of ``token_ids`` on ``worker`` (0 if unknown)."""
         return self._cached(worker, _Hashed(token_ids), self.index.fingerprints())
 
+    def choose_worker(
+        self, token_ids: Sequence[int], candidates: Sequence[tuple[str, int]]
+    ) -> Choice | None:
+        """The worker for ``token_ids`` among ``(name, outstanding_tokens)`` (one role)."""
+        return self._choose(_Hashed(token_ids), self.index.fingerprints(), candidates)
+
+    def prefill_decision(
+        self, token_ids: Sequence[int], decode: Choice, has_prefill: bool = True
+    ) -> PlanReason:
+        """Conditional disaggregation for a chosen D; counts the decision by reason."""
+        reason: PlanReason = "disaggregated" if has_prefill else "no_prefill_worker"
+        threshold = self.settings.skip_prefill_chunks
+        if threshold is not None and decode.cached_tokens > 0:
+            chunk = self._chunk_size(decode.name, self.index.fingerprints())
+            missing_chunks = math.ceil(max(len(token_ids) - decode.cached_tokens, 0) / chunk)
+            if missing_chunks <= threshold:
+                reason = "cached_on_decode"
+        self.counts.by_reason[reason] += 1
+        return reason
+
     def plan(
         self,
         token_ids: Sequence[int],
@@ -167,25 +187,15 @@ class CacheAwarePolicy:
         """
         hashed = _Hashed(token_ids)
         fingerprints = self.index.fingerprints()
-        n = len(token_ids)
-        tie = _tie_key(hashed, fingerprints)
-        d_cands = [Candidate(w, load, self._cached(w, hashed, fingerprints)) for w, load in decode]
-        d = choose(d_cands, n, self.settings, tie)
+        d = self._choose(hashed, fingerprints, decode)
         if d is None:
             return None
         self.counts.requests += 1
         self.counts.predicted_hit_tokens += d.cached_tokens
-        chunk = self._chunk_size(d.name, fingerprints)
-        missing_chunks = math.ceil(max(n - d.cached_tokens, 0) / chunk)
-        threshold = self.settings.skip_prefill_chunks
-        p_cands = [Candidate(w, load, self._cached(w, hashed, fingerprints)) for w, load in prefill]
-        reason: PlanReason
-        if threshold is not None and d.cached_tokens > 0 and missing_chunks <= threshold:
-            reason, p = "cached_on_decode", None
-        else:
-            p = choose(p_cands, n, self.settings, tie)
-            reason = "disaggregated" if p is not None else "no_prefill_worker"
-        self.counts.by_reason[reason] += 1
+        reason = self.prefill_decision(token_ids, d, has_prefill=bool(prefill))
+        p = None
+        if reason == "disaggregated":
+            p = self._choose(hashed, fingerprints, prefill)
         return Plan(
             d.name,
             p.name if p is not None else None,
@@ -193,6 +203,17 @@ class CacheAwarePolicy:
             d.cached_tokens,
             p.cached_tokens if p is not None else 0,
         )
+
+    def _choose(
+        self,
+        hashed: _Hashed,
+        fingerprints: dict[str, LayoutFingerprint],
+        candidates: Sequence[tuple[str, int]],
+    ) -> Choice | None:
+        cands = [
+            Candidate(w, load, self._cached(w, hashed, fingerprints)) for w, load in candidates
+        ]
+        return choose(cands, len(hashed.token_ids), self.settings, _tie_key(hashed, fingerprints))
 
     def _cached(
         self, worker: str, hashed: _Hashed, fingerprints: dict[str, LayoutFingerprint]

@@ -1,0 +1,150 @@
+"""Everything ``--routing cache_aware`` needs in one proxy process, behind one small facade.
+
+:class:`KVRouting` owns the tokenizer (:mod:`.tokenizer`), the index (:mod:`.kvindex`), the KV
+events subscriber (:mod:`.kvevents`) and the policy (:mod:`.cache_aware`). The proxy calls, per
+request and on its event loop:
+
+1. :meth:`KVRouting.tokens` - the prompt's token ids (None: not predictable; route by load);
+2. :meth:`KVRouting.choose` - a worker of one role among ``(name, outstanding_tokens)``;
+3. :meth:`KVRouting.skip_prefill` - whether D holds all but a few chunks (conditional
+   disaggregation), counted by reason;
+4. :meth:`KVRouting.observe` - after the answer, the predicted and actual hit tokens of D (actual
+   from the response's ``usage.prompt_tokens_details.cached_tokens`` minus what P pushed), whose gap
+   shows when the index is stale.
+
+:meth:`KVRouting.stats` is what the proxy's metrics export. Event source specs on the command line
+are ``WORKER=tcp://HOST:PORT`` (``WORKER`` as given in ``--prefill``/``--decode``; the snapshot
+endpoint defaults to port + 1, or add ``,snapshot=tcp://HOST:PORT``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcache_disagg.errors import ConfigError
+from lmcache_disagg.proxy.cache_aware import CacheAwarePolicy, CacheAwareSettings, Choice
+from lmcache_disagg.proxy.kvevents import EventSource, KVEventSubscriber
+from lmcache_disagg.proxy.kvindex import KVIndex
+from lmcache_disagg.proxy.kvsync import SyncSettings, SyncState
+from lmcache_disagg.proxy.tokenizer import PromptTokenizer
+from lmcache_disagg.transfer.event_publisher import snapshot_endpoint_for
+
+__all__ = ["KVRouting", "KVRoutingSettings", "KVRoutingStats", "parse_event_source"]
+
+
+def parse_event_source(text: str) -> EventSource:
+    """``WORKER=tcp://HOST:PORT[,snapshot=tcp://HOST:PORT]`` -> :class:`EventSource`."""
+    worker, sep, rest = text.partition("=")
+    endpoint, _, extra = rest.partition(",")
+    if not sep or not worker or not endpoint.startswith("tcp://"):
+        raise ConfigError(
+            f"--kv-events {text!r}: expected WORKER=tcp://HOST:PORT[,snapshot=tcp://HOST:PORT]"
+        )
+    try:
+        snapshot = snapshot_endpoint_for(endpoint)
+    except ValueError as exc:
+        raise ConfigError(f"--kv-events {text!r}: {exc}") from None
+    if extra:
+        name, eq, value = extra.partition("=")
+        if name != "snapshot" or not eq or not value.startswith("tcp://"):
+            raise ConfigError(f"--kv-events {text!r}: only snapshot=tcp://HOST:PORT may follow")
+        snapshot = value
+    return EventSource(worker.strip(), endpoint, snapshot)
+
+
+@dataclass(frozen=True)
+class KVRoutingSettings:
+    tokenizer_dir: str
+    sources: tuple[EventSource, ...]
+    policy: CacheAwareSettings = field(default_factory=CacheAwareSettings)
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    index_max_keys: int = 1 << 20
+    tokenizer_cache_entries: int = 4096
+
+
+@dataclass(frozen=True)
+class KVRoutingStats:
+    index_keys: int
+    index_evicted_keys: int
+    events_received: int
+    batches_received: int
+    batches_lost: int
+    resyncs: int
+    invalid_messages: int
+    sources: dict[str, SyncState]
+    decisions: dict[str, int]
+    untokenized_requests: int
+    predicted_hit_tokens: int
+    actual_hit_tokens: int
+    tokenizer_cache_hits: int
+
+
+class KVRouting:
+    def __init__(self, settings: KVRoutingSettings) -> None:
+        if not Path(settings.tokenizer_dir).is_dir():
+            raise ConfigError(
+                f"tokenizer directory {settings.tokenizer_dir!r} not found: cache_aware routing "
+                "needs the model's tokenizer (--tokenizer DIR, or a local --model directory)"
+            )
+        settings.policy.validate()
+        self.settings = settings
+        self.tokenizer = PromptTokenizer.from_dir(
+            settings.tokenizer_dir, settings.tokenizer_cache_entries
+        )
+        self.index = KVIndex(settings.index_max_keys)
+        self.policy = CacheAwarePolicy(self.index, settings.policy)
+        self.subscriber = KVEventSubscriber(settings.sources, self.index, settings.sync)
+        self._untokenized = 0
+        self._predicted = 0
+        self._actual = 0
+
+    def start(self) -> KVRouting:
+        self.subscriber.start()
+        return self
+
+    def close(self) -> None:
+        self.subscriber.close()
+
+    # -- per request (event loop) --------------------------------------------------------------
+    def tokens(self, body: Mapping[str, Any]) -> list[int] | None:
+        ids = self.tokenizer.request_tokens(body)
+        if ids is None:
+            self._untokenized += 1
+        return ids
+
+    def choose(
+        self, token_ids: Sequence[int] | None, candidates: Sequence[tuple[str, int]]
+    ) -> Choice | None:
+        """The worker among ``(name, outstanding_tokens)`` and its predicted cached tokens."""
+        return self.policy.choose_worker(token_ids or (), candidates)
+
+    def skip_prefill(self, token_ids: Sequence[int] | None, decode: Choice) -> bool:
+        """Conditional disaggregation: D lacks at most ``skip_prefill_chunks`` chunks."""
+        reason = self.policy.prefill_decision(token_ids or (), decode)
+        return reason == "cached_on_decode"
+
+    def observe(self, predicted_hit_tokens: int, actual_hit_tokens: int) -> None:
+        self._predicted += max(predicted_hit_tokens, 0)
+        self._actual += max(actual_hit_tokens, 0)
+
+    def stats(self) -> KVRoutingStats:
+        sub = self.subscriber.stats()
+        index = self.index.stats()
+        return KVRoutingStats(
+            index_keys=index.keys,
+            index_evicted_keys=index.evicted_keys,
+            events_received=sub.totals.events,
+            batches_received=sub.totals.batches,
+            batches_lost=sub.totals.lost_batches,
+            resyncs=sub.totals.resyncs,
+            invalid_messages=sub.totals.invalid,
+            sources=sub.states,
+            decisions=dict(self.policy.counts.by_reason),
+            untokenized_requests=self._untokenized,
+            predicted_hit_tokens=self._predicted,
+            actual_hit_tokens=self._actual,
+            tokenizer_cache_hits=self.tokenizer.cache_hits,
+        )
