@@ -15,7 +15,8 @@ ids the worker will see, or no key matches:
 
 What cannot be predicted exactly returns None (the policy then routes by load only): tools,
 non-text content parts, a request-supplied chat template, batch prompts, unknown template
-variables. The tokenization of a repeated rendered prompt is cached (LRU, bounded).
+variables. The tokenization of a repeated rendered prompt is cached (LRU, bounded), and a chat
+that extends an earlier request's conversation is tokenized incrementally (:mod:`.tokencache`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
+import orjson
+import xxhash
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from lmcache_disagg.errors import ConfigError
+from lmcache_disagg.proxy.tokencache import ConversationCache
 
 __all__ = ["PromptTokenizer"]
 
@@ -112,6 +116,7 @@ class PromptTokenizer:
             env.globals["raise_exception"] = _raise_exception
             env.globals["strftime_now"] = _strftime_now
             self._template = env.from_string(chat_template)
+        self._conversations = ConversationCache(tokenizer)
         self._cache: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
         self._cache_entries = cache_entries
         self._lock = threading.Lock()
@@ -149,6 +154,11 @@ class PromptTokenizer:
         return cls(tokenizer, template, special, add_bos=add_bos, cache_entries=cache_entries)
 
     # -- public --------------------------------------------------------------------------------
+    def conversation_stats(self) -> dict[str, int]:
+        """How chat prompts were tokenized: exact repeats, extensions of a cached prefix, whole."""
+        c = self._conversations
+        return {"repeated": c.repeated, "extended": c.extended, "full": c.full}
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         key = (text, add_special_tokens)
         with self._lock:
@@ -244,7 +254,14 @@ class PromptTokenizer:
         text = self.render_chat(messages, add_generation_prompt, continue_final, kwargs)
         if text is None:
             return None
-        return self.encode(text, add_special)
+        if add_special or self._add_bos is not None or len(messages) < 2:
+            return self.encode(text, add_special)
+        try:
+            digests = _prefix_digests(messages, [add_generation_prompt, continue_final, kwargs])
+        except TypeError:  # not JSON-serializable template kwargs
+            return self.encode(text, add_special)
+        # The previous round is usually this conversation minus the last answer and question.
+        return self._conversations.tokenize(text, digests[-2::-1][:2], digests[-1])
 
 
 def _string_message(message: Any) -> dict[str, Any] | None:
@@ -294,3 +311,13 @@ def _chat_template(root: Path, config: Mapping[str, Any]) -> str | None:
                 value = entry.get("template")
                 return value if isinstance(value, str) else None
     return None
+
+
+def _prefix_digests(messages: Sequence[Any], flags: list[Any]) -> list[bytes]:
+    """Digests of ``messages[:1]``, ``messages[:2]``, ... (with the rendering flags)."""
+    state = xxhash.xxh3_128(orjson.dumps(flags, option=orjson.OPT_SORT_KEYS))
+    out = []
+    for message in messages:
+        state.update(orjson.dumps(message, option=orjson.OPT_SORT_KEYS))
+        out.append(state.digest())
+    return out

@@ -336,6 +336,45 @@ def run(s: BenchSettings, policies: Sequence[str] = POLICIES) -> dict[str, Any]:
     return out
 
 
+def tokenize_cost(tokenizer_dir: str, s: BenchSettings) -> dict[str, float]:
+    """Microseconds per chat request for the proxy's tokenization plus chunk keys, on the model's
+    tokenizer: the same multi-round conversations as text (synthetic words), cold and repeated."""
+    from lmcache_disagg.proxy.tokenizer import PromptTokenizer
+
+    tokenizer = PromptTokenizer.from_dir(tokenizer_dir)
+    rng = random.Random(s.seed)
+    words = ["river", "cache", "prefill", "decode", "token", "valley", "engineer", "network"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    system = {"role": "system", "content": text(s.system_tokens)}
+    bodies = []
+    for _ in range(s.users):
+        messages = [system, {"role": "user", "content": text(s.user_context_tokens)}]
+        for _ in range(s.rounds):
+            messages = [*messages, {"role": "user", "content": text(s.question_tokens[1])}]
+            bodies.append({"messages": messages})
+            messages = [*messages, {"role": "assistant", "content": text(s.answer_tokens[1])}]
+    fingerprint = LayoutFingerprint(
+        model="simulated", dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128,
+        chunk_size=256, tp_rank=0, tp_size=1,
+    )  # fmt: skip
+    root = chain_root(fingerprint)
+    out: dict[str, float] = {}
+    tokens = 0
+    for label in ("cold", "repeated"):
+        t0 = time.perf_counter()
+        for body in bodies:
+            ids = tokenizer.request_tokens(body)
+            assert ids is not None
+            chunk_keys(root, ids, 256)
+            tokens += len(ids) if label == "cold" else 0
+        out[f"{label}_us_per_request"] = (time.perf_counter() - t0) / len(bodies) * 1e6
+    out["mean_prompt_tokens"] = tokens / len(bodies)
+    return out
+
+
 def _range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition(",")
     return int(lo), int(hi or lo)
@@ -369,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-ms-per-token", type=float, default=d.decode_ms_per_token)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="also time the proxy's tokenization of the workload as chats",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     policies = [p for p in args.policies.split(",") if p]
     unknown = sorted(set(policies) - set(POLICIES))
@@ -387,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         out = run(settings, policies)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.tokenizer:
+        out["tokenize"] = tokenize_cost(args.tokenizer, settings)
     print(f"SIMULATED workers: {out['note']}")
     print(
         f"{settings.users} users x {settings.rounds} rounds, {settings.workers} D's, "
@@ -400,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "cache_aware_vs_oracle_hit_rate" in out:
         print(f"cache_aware / oracle hit rate: {out['cache_aware_vs_oracle_hit_rate']:.3f}")
+    if "tokenize" in out:
+        t = out["tokenize"]
+        print(
+            f"proxy tokenization + chunk keys: {t['cold_us_per_request']:.0f} us/request cold, "
+            f"{t['repeated_us_per_request']:.0f} us repeated ({t['mean_prompt_tokens']:.0f} tokens)"
+        )
     if args.json:
         print(json.dumps(out))
     sys.stdout.flush()

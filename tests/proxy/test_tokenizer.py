@@ -131,3 +131,43 @@ def test_matches_vllm_tokenize_endpoint(tiny_model_dir: Path, vllm_server_factor
                 got.raise_for_status()
                 body = {"messages": chat, "add_generation_prompt": gen}
                 assert ours.request_tokens(body) == got.json()["tokens"], (chat, gen)
+
+
+def test_growing_conversations_tokenize_incrementally_and_exactly(tiny_model_dir: Path) -> None:
+    import random
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ours = PromptTokenizer.from_dir(tiny_model_dir)
+    rng = random.Random(7)
+    words = ["river", "cache", "ünï", "😀", "\n", "  ", "42", "x.y", "'s", "<s>", "\t"]
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(words) + rng.choice([" ", "", "\n", "  "]) for _ in range(n))
+
+    for _ in range(6):
+        messages: list[dict[str, Any]] = [{"role": "system", "content": text(200)}]
+        for _ in range(4):
+            messages = [*messages, {"role": "user", "content": text(rng.randint(1, 60))}]
+            rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            expected = hf.encode(rendered, add_special_tokens=False)
+            assert ours.request_tokens({"messages": messages}) == expected
+            assert ours.request_tokens({"messages": messages}) == expected  # exact repeat
+            messages = [*messages, {"role": "assistant", "content": text(rng.randint(1, 60))}]
+    stats = ours.conversation_stats()
+    assert stats["extended"] > 0 and stats["repeated"] == 24 and stats["full"] >= 6
+
+
+def test_conversation_cache_is_bounded_by_tokens(tiny_model_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from lmcache_disagg.proxy.tokencache import ConversationCache
+
+    cache = ConversationCache(
+        Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json")), max_tokens=100
+    )
+    for i in range(50):
+        cache.tokenize(f"conversation number {i} " * 3, [], bytes([i]) * 16)
+    assert 0 < len(cache) < 50
+    assert cache.tokenize("x" * 5000, [], b"big" * 5) and len(cache) < 50, "too big: not cached"
