@@ -57,7 +57,8 @@ def parse_event_source(text: str) -> EventSource:
 
 @dataclass(frozen=True)
 class KVRoutingSettings:
-    tokenizer_dir: str
+    tokenizer_dir: str | None
+    """None: found later (:meth:`KVRouting.set_tokenizer`); until then requests route by load."""
     sources: tuple[EventSource, ...]
     policy: CacheAwareSettings = field(default_factory=CacheAwareSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
@@ -84,22 +85,26 @@ class KVRoutingStats:
 
 class KVRouting:
     def __init__(self, settings: KVRoutingSettings) -> None:
-        if not Path(settings.tokenizer_dir).is_dir():
-            raise ConfigError(
-                f"tokenizer directory {settings.tokenizer_dir!r} not found: cache_aware routing "
-                "needs the model's tokenizer (--tokenizer DIR, or a local --model directory)"
-            )
         settings.policy.validate()
         self.settings = settings
-        self.tokenizer = PromptTokenizer.from_dir(
-            settings.tokenizer_dir, settings.tokenizer_cache_entries
-        )
+        self.tokenizer: PromptTokenizer | None = None
+        if settings.tokenizer_dir is not None:
+            self.set_tokenizer(settings.tokenizer_dir)
         self.index = KVIndex(settings.index_max_keys)
         self.policy = CacheAwarePolicy(self.index, settings.policy)
         self.subscriber = KVEventSubscriber(settings.sources, self.index, settings.sync)
         self._untokenized = 0
         self._predicted = 0
         self._actual = 0
+
+    def set_tokenizer(self, directory: str) -> None:
+        """Load the model's tokenizer from a local directory (ConfigError if it has none)."""
+        if not Path(directory).is_dir():
+            raise ConfigError(
+                f"tokenizer directory {directory!r} not found: cache_aware routing needs the "
+                "model's tokenizer (--tokenizer DIR, or workers serving a local model directory)"
+            )
+        self.tokenizer = PromptTokenizer.from_dir(directory, self.settings.tokenizer_cache_entries)
 
     def start(self) -> KVRouting:
         self.subscriber.start()
@@ -110,7 +115,7 @@ class KVRouting:
 
     # -- per request (event loop) --------------------------------------------------------------
     def tokens(self, body: Mapping[str, Any]) -> list[int] | None:
-        ids = self.tokenizer.request_tokens(body)
+        ids = self.tokenizer.request_tokens(body) if self.tokenizer is not None else None
         if ids is None:
             self._untokenized += 1
         return ids
@@ -146,5 +151,5 @@ class KVRouting:
             untokenized_requests=self._untokenized,
             predicted_hit_tokens=self._predicted,
             actual_hit_tokens=self._actual,
-            tokenizer_cache_hits=self.tokenizer.cache_hits,
+            tokenizer_cache_hits=self.tokenizer.cache_hits if self.tokenizer is not None else 0,
         )

@@ -38,6 +38,7 @@ from lmcache_disagg.keys import KEY_BYTES
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
 __all__ = [
+    "DEFAULT_EVENTS_PORT",
     "EVENTS_PROTOCOL_VERSION",
     "MAX_BATCH_KEYS",
     "MAX_EVENT_MESSAGE",
@@ -63,6 +64,8 @@ __all__ = [
 ]
 
 EVENTS_PROTOCOL_VERSION: Final = 1
+DEFAULT_EVENTS_PORT: Final = 17570
+"""A worker's PUB port when only the host is known (TP rank r adds 2r; the snapshot port is +1)."""
 TOPIC: Final = b"kv"
 MAX_BATCH_KEYS: Final = 4096
 """Most keys one event (and one batch, over all its events) carries; publishers split larger ones."""
