@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.cache_aware import CacheAwarePolicy, CacheAwareSettings, Choice
 from lmcache_disagg.proxy.kvevents import EventSource, KVEventSubscriber
@@ -31,8 +33,17 @@ from lmcache_disagg.proxy.kvindex import KVIndex
 from lmcache_disagg.proxy.kvsync import SyncSettings, SyncState
 from lmcache_disagg.proxy.tokenizer import PromptTokenizer
 from lmcache_disagg.transfer.event_publisher import snapshot_endpoint_for
+from lmcache_disagg.transfer.events import DEFAULT_EVENTS_PORT
 
-__all__ = ["KVRouting", "KVRoutingSettings", "KVRoutingStats", "parse_event_source"]
+__all__ = [
+    "KVRouting",
+    "KVRoutingSettings",
+    "KVRoutingStats",
+    "event_sources",
+    "parse_event_source",
+    "reported_cached_tokens",
+    "tokenizer_dir_from_models",
+]
 
 
 def parse_event_source(text: str) -> EventSource:
@@ -53,6 +64,61 @@ def parse_event_source(text: str) -> EventSource:
             raise ConfigError(f"--kv-events {text!r}: only snapshot=tcp://HOST:PORT may follow")
         snapshot = value
     return EventSource(worker.strip(), endpoint, snapshot)
+
+
+def event_sources(specs: Sequence[str], workers: Sequence[str]) -> tuple[EventSource, ...]:
+    """The sources of ``--kv-events`` values for the proxy's workers (their ``HOST:PORT``).
+
+    ``auto[:PORT]`` subscribes to every worker's host at ``PORT`` (default
+    :data:`~lmcache_disagg.transfer.events.DEFAULT_EVENTS_PORT`); explicit specs must name a
+    configured worker.
+    """
+    sources: dict[str, EventSource] = {}
+    for text in specs:
+        if text == "auto" or text.startswith("auto:"):
+            port_text = text.partition(":")[2] or str(DEFAULT_EVENTS_PORT)
+            if not port_text.isdigit() or not 0 < int(port_text) < 65535:
+                raise ConfigError(f"--kv-events {text!r}: expected auto or auto:PORT")
+            for worker in workers:
+                host = worker.rpartition(":")[0]
+                endpoint = f"tcp://{host}:{port_text}"
+                sources.setdefault(
+                    worker, EventSource(worker, endpoint, snapshot_endpoint_for(endpoint))
+                )
+            continue
+        source = parse_event_source(text)
+        if source.worker not in workers:
+            raise ConfigError(
+                f"--kv-events {text!r}: {source.worker!r} is not a --prefill/--decode worker "
+                f"({', '.join(workers)})"
+            )
+        sources[source.worker] = source
+    return tuple(sources.values())
+
+
+def reported_cached_tokens(body: bytes) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens`` of a worker's JSON answer, if it has one."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
+
+
+def tokenizer_dir_from_models(models: Any) -> str | None:
+    """A local model directory with a tokenizer from a worker's ``/v1/models`` answer."""
+    data = models.get("data") if isinstance(models, dict) else None
+    for card in data if isinstance(data, list) else ():
+        if not isinstance(card, dict):
+            continue
+        for field_name in ("root", "id"):
+            value = card.get(field_name)
+            if isinstance(value, str) and (Path(value) / "tokenizer.json").is_file():
+                return value
+    return None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.keys import chain_root, chunk_keys
 from lmcache_disagg.proxy.cache_aware import CacheAwareSettings
 from lmcache_disagg.proxy.kvevents import EventSource
-from lmcache_disagg.proxy.kvrouting import KVRouting, KVRoutingSettings, parse_event_source
+from lmcache_disagg.proxy.kvrouting import (
+    KVRouting,
+    KVRoutingSettings,
+    event_sources,
+    parse_event_source,
+    reported_cached_tokens,
+    tokenizer_dir_from_models,
+)
 from lmcache_disagg.proxy.kvsync import SyncState
 from lmcache_disagg.transfer.event_publisher import KVEventPublisher, PublisherSettings
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
@@ -74,3 +81,27 @@ def test_routes_a_chat_to_the_worker_holding_its_prefix(tiny_model_dir: Path) ->
         routing.close()
         for pub in pubs.values():
             pub.close()
+
+
+def test_event_sources_auto_and_explicit() -> None:
+    workers = ["10.0.0.1:8100", "10.0.0.2:8200"]
+    auto = event_sources(["auto"], workers)
+    assert [s.endpoint for s in auto] == ["tcp://10.0.0.1:17570", "tcp://10.0.0.2:17570"]
+    assert auto[0].snapshot_endpoint == "tcp://10.0.0.1:17571"
+    mixed = event_sources(["auto:6000", "10.0.0.2:8200=tcp://10.0.0.9:7000"], workers)
+    assert [s.endpoint for s in mixed] == ["tcp://10.0.0.1:6000", "tcp://10.0.0.9:7000"]
+    for bad in (["auto:x"], ["auto:0"], ["10.0.0.3:1=tcp://h:1"]):
+        with pytest.raises(ConfigError):
+            event_sources(bad, workers)
+
+
+def test_usage_and_model_discovery_helpers(tiny_model_dir: Path) -> None:
+    answer = b'{"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 4}}}'
+    assert reported_cached_tokens(answer) == 4
+    for other in (b"not json", b"[]", b'{"usage": {"prompt_tokens_details": null}}',
+                  b'{"usage": {"prompt_tokens_details": {"cached_tokens": true}}}'):  # fmt: skip
+        assert reported_cached_tokens(other) is None
+    models = {"data": [{"id": "served-name", "root": str(tiny_model_dir)}]}
+    assert tokenizer_dir_from_models(models) == str(tiny_model_dir)
+    assert tokenizer_dir_from_models({"data": [{"id": "hub/model"}]}) is None
+    assert tokenizer_dir_from_models("junk") is None
