@@ -39,6 +39,7 @@ __all__ = [
     "KVRouting",
     "KVRoutingSettings",
     "KVRoutingStats",
+    "KVRoutingStatsDelta",
     "event_sources",
     "parse_event_source",
     "reported_cached_tokens",
@@ -147,6 +148,30 @@ class KVRoutingStats:
     predicted_hit_tokens: int
     actual_hit_tokens: int
     tokenizer_cache_hits: int
+
+
+@dataclass
+class KVRoutingStatsDelta:
+    """Turns the cumulative counters of :class:`KVRoutingStats` into increments (Prometheus)."""
+
+    events_received: int = 0
+    batches_lost: int = 0
+    resyncs: int = 0
+    invalid_messages: int = 0
+
+    def advance(self, stats: KVRoutingStats) -> KVRoutingStatsDelta:
+        """The increments since the previous call (which this call then remembers)."""
+        delta = KVRoutingStatsDelta(
+            stats.events_received - self.events_received,
+            stats.batches_lost - self.batches_lost,
+            stats.resyncs - self.resyncs,
+            stats.invalid_messages - self.invalid_messages,
+        )
+        self.events_received = stats.events_received
+        self.batches_lost = stats.batches_lost
+        self.resyncs = stats.resyncs
+        self.invalid_messages = stats.invalid_messages
+        return delta
 
 
 class KVRouting:
