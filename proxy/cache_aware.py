@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -150,6 +150,7 @@ class CacheAwarePolicy:
         self.settings.validate()
         self.index = index
         self.counts = DecisionCounts()
+        self._last: _Hashed | None = None
 
     def cached_tokens(self, worker: str, token_ids: Sequence[int]) -> int:
         """Predicted leading cached tokens of ``token_ids`` on ``worker`` (0 if unknown)."""
@@ -158,8 +159,14 @@ class CacheAwarePolicy:
     def choose_worker(
         self, token_ids: Sequence[int], candidates: Sequence[tuple[str, int]]
     ) -> Choice | None:
-        """The worker for ``token_ids`` among ``(name, outstanding_tokens)`` (one role)."""
-        return self._choose(_Hashed(token_ids), self.index.fingerprints(), candidates)
+        """The worker for ``token_ids`` among ``(name, outstanding_tokens)`` (one role).
+
+        The prompt's keys are kept from the previous call when it passed the same list object
+        (D, then P, then retries of one request hash it once)."""
+        hashed = self._last
+        if hashed is None or hashed.token_ids is not token_ids:
+            hashed = self._last = _Hashed(token_ids)
+        return self._choose(hashed, self.index.fingerprints(), candidates)
 
     def prefill_decision(
         self, token_ids: Sequence[int], decode: Choice, has_prefill: bool = True
@@ -207,7 +214,7 @@ class CacheAwarePolicy:
     def _choose(
         self,
         hashed: _Hashed,
-        fingerprints: dict[str, LayoutFingerprint],
+        fingerprints: Mapping[str, LayoutFingerprint],
         candidates: Sequence[tuple[str, int]],
     ) -> Choice | None:
         cands = [
@@ -216,7 +223,7 @@ class CacheAwarePolicy:
         return choose(cands, len(hashed.token_ids), self.settings, _tie_key(hashed, fingerprints))
 
     def _cached(
-        self, worker: str, hashed: _Hashed, fingerprints: dict[str, LayoutFingerprint]
+        self, worker: str, hashed: _Hashed, fingerprints: Mapping[str, LayoutFingerprint]
     ) -> int:
         fingerprint = fingerprints.get(worker)
         if fingerprint is None or not hashed.token_ids:
@@ -226,12 +233,12 @@ class CacheAwarePolicy:
         return min(chunks * fingerprint.chunk_size, len(hashed.token_ids))
 
     @staticmethod
-    def _chunk_size(worker: str, fingerprints: dict[str, LayoutFingerprint]) -> int:
+    def _chunk_size(worker: str, fingerprints: Mapping[str, LayoutFingerprint]) -> int:
         fingerprint = fingerprints.get(worker)
         return fingerprint.chunk_size if fingerprint is not None else 256
 
 
-def _tie_key(hashed: _Hashed, fingerprints: dict[str, LayoutFingerprint]) -> bytes:
+def _tie_key(hashed: _Hashed, fingerprints: Mapping[str, LayoutFingerprint]) -> bytes:
     """The prompt's last chunk key under the first known fingerprint (b"" when none is known)."""
     for fingerprint in fingerprints.values():
         keys = hashed.keys(fingerprint)

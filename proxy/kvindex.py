@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from lmcache_disagg.transfer.events import (
     TIERS,
@@ -54,6 +55,7 @@ class KVIndex:
         self._entries: OrderedDict[bytes, dict[str, int]] = OrderedDict()
         self._by_worker: dict[str, set[bytes]] = {}
         self._fingerprints: dict[str, LayoutFingerprint] = {}
+        self._fp_view: Mapping[str, LayoutFingerprint] = MappingProxyType(self._fingerprints)
         self._evicted = 0
 
     # -- writes (the subscriber) ---------------------------------------------------------------
@@ -78,7 +80,7 @@ class KVIndex:
         """Replace everything known about ``worker`` with a snapshot."""
         with self._lock:
             self._drop_locked(worker)
-            self._fingerprints[worker] = fingerprint
+            self._set_fingerprints_locked({**self._fingerprints, worker: fingerprint})
             for tier, keys in tiers.items():
                 self._add_locked(worker, keys, _TIER_BIT[tier])
 
@@ -86,13 +88,16 @@ class KVIndex:
         """Forget ``worker`` (it stopped heartbeating, restarted, or left the pool)."""
         with self._lock:
             self._drop_locked(worker)
-            self._fingerprints.pop(worker, None)
+            if worker in self._fingerprints:
+                rest = {w: fp for w, fp in self._fingerprints.items() if w != worker}
+                self._set_fingerprints_locked(rest)
 
     # -- reads (the policy) --------------------------------------------------------------------
-    def fingerprints(self) -> dict[str, LayoutFingerprint]:
-        """Each known worker's fingerprint (hash a prompt once per distinct value)."""
-        with self._lock:
-            return dict(self._fingerprints)
+    def fingerprints(self) -> Mapping[str, LayoutFingerprint]:
+        """Each known worker's fingerprint (hash a prompt once per distinct value).
+
+        A read-only snapshot: changes replace it, so readers never copy it."""
+        return self._fp_view
 
     def prefix_chunks(self, worker: str, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` (a prompt's chain, in order) ``worker`` holds in any tier.
@@ -131,7 +136,11 @@ class KVIndex:
     def _set_fingerprint_locked(self, worker: str, fingerprint: LayoutFingerprint) -> None:
         if self._fingerprints.get(worker) != fingerprint:
             self._drop_locked(worker)
-            self._fingerprints[worker] = fingerprint
+            self._set_fingerprints_locked({**self._fingerprints, worker: fingerprint})
+
+    def _set_fingerprints_locked(self, fingerprints: dict[str, LayoutFingerprint]) -> None:
+        self._fingerprints = fingerprints
+        self._fp_view = MappingProxyType(fingerprints)
 
     def _add_locked(self, worker: str, keys: Iterable[bytes], bit: int) -> None:
         mine = self._by_worker.setdefault(worker, set())
