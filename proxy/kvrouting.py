@@ -143,6 +143,7 @@ class KVRoutingStats:
     resyncs: int
     invalid_messages: int
     sources: dict[str, SyncState]
+    worker_keys: dict[str, int]
     decisions: dict[str, int]
     untokenized_requests: int
     predicted_hit_tokens: int
@@ -238,6 +239,7 @@ class KVRouting:
             resyncs=sub.totals.resyncs,
             invalid_messages=sub.totals.invalid,
             sources=sub.states,
+            worker_keys={w: self.index.worker_keys(w) for w in self.index.fingerprints()},
             decisions=dict(self.policy.counts.by_reason),
             untokenized_requests=self._untokenized,
             predicted_hit_tokens=self._predicted,
