@@ -47,7 +47,7 @@ class IndexStats:
 
 
 class KVIndex:
-    def __init__(self, max_keys: int = 1 << 20) -> None:
+    def __init__(self, max_keys: int = 1 << 18) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
         self._max_keys = max_keys

@@ -129,7 +129,8 @@ class KVRoutingSettings:
     sources: tuple[EventSource, ...]
     policy: CacheAwareSettings = field(default_factory=CacheAwareSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
-    index_max_keys: int = 1 << 20
+    index_max_keys: int = 1 << 18
+    """About 400 bytes per key (two holders): the default bounds the index near 100 MiB."""
     tokenizer_cache_entries: int = 4096
 
 
