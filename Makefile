@@ -68,6 +68,7 @@ bench: setup
 	$(BIN)/lmcache-disagg bench transfer --channel nixl --chunk-bytes 128KiB --json | tee bench-results/transfer-nixl-128KiB.txt
 	$(BIN)/lmcache-disagg bench proxy --json | tee bench-results/proxy.txt
 	$(BIN)/lmcache-disagg bench e2e --json | tee bench-results/e2e.txt
+	$(BIN)/lmcache-disagg bench cache --json | tee bench-results/cache.txt
 
 lint: setup
 	$(BIN)/ruff check $(PACKAGE_DIRS) tests

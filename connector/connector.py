@@ -32,9 +32,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from lmcache_disagg.config import load_config
+from lmcache_disagg.connector.cache import cache_enabled
+from lmcache_disagg.connector.cache_plan import CachePlanner
+from lmcache_disagg.connector.lookup import LookupClient, lookup_address, lookup_timeout
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.scheduler import ConnectorScheduler
-from lmcache_disagg.connector.stats import LMCacheDisaggPromMetrics, LMCacheDisaggStats
+from lmcache_disagg.connector.stats import (
+    LMCacheDisaggPromMetrics,
+    LMCacheDisaggStats,
+    StatsRecorder,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
@@ -104,19 +112,38 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
         is_consumer = bool(transfer_config.is_kv_consumer)
         self.connector_scheduler: ConnectorScheduler | None = None
         self.connector_worker: ConnectorWorker | None = None
+        self.scheduler_stats = StatsRecorder()
+        use_cache = cache_enabled(self.config)
+        engine_id = str(transfer_config.engine_id or "engine")
         if role == KVConnectorRole.SCHEDULER:
-            if is_consumer and transfer_config.kv_load_failure_policy != "recompute":
+            loads = is_consumer or use_cache
+            if loads and transfer_config.kv_load_failure_policy != "recompute":
                 logger.warning(
                     "lmcache-disagg: setting kv_load_failure_policy=recompute (was %r): a failed "
                     "KV load must be recomputed, never fail the request",
                     transfer_config.kv_load_failure_policy,
                 )
                 transfer_config.kv_load_failure_policy = "recompute"
+            planner = None
+            if use_cache:
+                tp_size = vllm_config.parallel_config.tensor_parallel_size
+                client = LookupClient(
+                    [lookup_address(engine_id, rank) for rank in range(tp_size)],
+                    lookup_timeout(self.config),
+                )
+                planner = CachePlanner(
+                    client,
+                    block_size=int(vllm_config.cache_config.block_size),
+                    save_decode_cache=self.config.save_decode_cache,
+                    block_ids_of=self._block_ids_of,
+                    stats=self.scheduler_stats,
+                )
             self.connector_scheduler = ConnectorScheduler(
                 self.config,
                 is_producer=is_producer,
                 is_consumer=is_consumer,
                 block_ids_of=self._block_ids_of,
+                cache=planner,
             )
         else:
             from vllm.distributed.parallel_state import (
@@ -134,6 +161,9 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
                 tp_rank=get_tensor_model_parallel_rank(),
                 tp_size=get_tensor_model_parallel_world_size(),
                 use_mla=bool(vllm_config.model_config.use_mla),
+                lookup_address=lookup_address(engine_id, get_tensor_model_parallel_rank())
+                if use_cache
+                else None,
             )
 
     # ==============================================================================================
@@ -201,6 +231,30 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Each step, with the workers' aggregated results: settled loads are forgotten."""
         self._sched().update_connector_output(connector_output)
+
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        """Split the loaded tokens by source for vLLM's per-source prompt-token metric: P's push
+        is ``p2p``, the store's RAM ``host``, its disk ``disk``, Redis ``external_unspecified``.
+
+        Called by the scheduler right after ``update_state_after_alloc``."""
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        names = {
+            "p2p": CacheHitSource.P2P,
+            "l1": CacheHitSource.HOST,
+            "l2": CacheHitSource.DISK,
+            "l3": CacheHitSource.EXTERNAL_UNSPECIFIED,
+        }
+        split = self._sched().hit_sources(request, num_external_tokens)
+        if not split:
+            return super().get_external_cache_hit_sources(request, num_external_tokens)
+        out: dict[CacheHitSource, int] = {}
+        for name, tokens in split.items():
+            source = names.get(name, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            out[source] = out.get(source, 0) + tokens
+        return out
 
     def has_pending_push_work(self) -> bool:
         """True while decisions wait for the next step (keeps an idle engine stepping)."""
@@ -272,15 +326,20 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
         )
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """Once per step: what changed in our metrics (None when nothing did)."""
+        """Once per step: what changed in our metrics (None when nothing did).
+
+        The scheduler's (cache lookups) and each worker's are aggregated by vLLM.
+        """
         if self.connector_worker is None:
-            return None
+            return self.scheduler_stats.take()
         return self.connector_worker.take_stats()
 
     def shutdown(self) -> None:
         """Worker process exit: cancel pushes, free loads, stop the endpoints' threads."""
         if self.connector_worker is not None:
             self.connector_worker.shutdown()
+        if self.connector_scheduler is not None and self.connector_scheduler.cache is not None:
+            self.connector_scheduler.cache.close()
 
     # ==============================================================================================
     # Metrics (API server process)

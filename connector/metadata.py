@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-__all__ = ["LMCacheDisaggMetadata", "LoadSpec", "PushProgress", "PushStart"]
+__all__ = [
+    "CacheLoad",
+    "LMCacheDisaggMetadata",
+    "LoadSpec",
+    "PushProgress",
+    "PushStart",
+    "StoreProgress",
+]
 
 
 @dataclass
@@ -62,6 +69,38 @@ class LoadSpec:
 
 
 @dataclass
+class CacheLoad:
+    """Load tokens ``[load_start, load_end)`` of ``req_id`` from the chunk store into ``block_ids``.
+
+    The hit was found and pinned by this rank's lookup under ``lease_id``; the worker fetches it,
+    scatters it and releases the lease (on success and on every failure).
+    """
+
+    req_id: str
+    lease_id: str
+    block_ids: list[int]
+    load_start: int
+    load_end: int
+
+
+@dataclass
+class StoreProgress:
+    """After this step's forward, tokens ``[0, computed_end)`` of ``req_id`` are in ``block_ids``.
+
+    ``new_token_ids`` extend the token ids sent in earlier steps (the prompt in the first one,
+    then decoded tokens when ``save_decode_cache`` is on). ``prompt_len`` tells the worker where
+    the prompt ends (its partial last chunk is stored once computed); ``final`` ends the tracking.
+    """
+
+    req_id: str
+    new_token_ids: list[int]
+    block_ids: list[int]
+    computed_end: int
+    prompt_len: int
+    final: bool = False
+
+
+@dataclass
 class LMCacheDisaggMetadata(KVConnectorMetadata):
     """Everything the workers need to act on in one step (each list usually tiny or empty)."""
 
@@ -76,6 +115,12 @@ class LMCacheDisaggMetadata(KVConnectorMetadata):
     """Transfer ids D will never load (request finished first, or nothing to load): free them."""
     step_has_work: bool = True
     """False for steps that schedule no tokens (the worker may then wait briefly for transfers)."""
+    cache_loads: list[CacheLoad] = field(default_factory=list)
+    cache_releases: list[str] = field(default_factory=list)
+    """Leases of lookups that will not be loaded (request scheduled without them, or finished)."""
+    store_progress: list[StoreProgress] = field(default_factory=list)
+    store_dropped: list[str] = field(default_factory=list)
+    """Requests whose storing ends (finished or aborted): forget their state."""
 
     def is_empty(self) -> bool:
         return not (
@@ -85,4 +130,7 @@ class LMCacheDisaggMetadata(KVConnectorMetadata):
             or self.push_cancelled
             or self.loads
             or self.releases
+            or self.cache_loads
+            or self.cache_releases
+            or self.store_dropped
         )

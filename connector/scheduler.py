@@ -17,6 +17,10 @@ D (a request with ``do_remote_prefill`` + our load fields, i.e. P's answer forwa
   * ``update_state_after_alloc``: one :class:`LoadSpec` with the allocated blocks.
   * failures come back from the worker as ``failed_recving``; with
     ``kv_load_failure_policy="recompute"`` (forced by the connector) vLLM then recomputes.
+
+Every other request, in every role, goes to the chunk store's
+:class:`~lmcache_disagg.connector.cache_plan.CachePlanner` when a cache tier is on: its cached
+leading tokens are loaded instead of computed, and its prompt chunks are stored as they complete.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from lmcache_disagg.connector.cache_plan import CachePlanner
 
 __all__ = ["ConnectorScheduler", "plan_load"]
 
@@ -104,8 +110,10 @@ class ConnectorScheduler:
         is_producer: bool,
         is_consumer: bool,
         block_ids_of: Callable[[str], list[int]],
+        cache: CachePlanner | None = None,
     ) -> None:
         self.config = config
+        self.cache = cache
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self._block_ids_of = block_ids_of
@@ -135,10 +143,12 @@ class ConnectorScheduler:
         Called by the scheduler for a waiting request, possibly several times; it only records
         the latest plan. Returns ``(0, False)`` for requests that carry no pushed KV of ours.
         """
-        if not self.is_consumer or request.request_id in self._dispatched:
+        if request.request_id in self._dispatched:
             return 0, False
-        params = self._load_params(request)
+        params = self._load_params(request) if self.is_consumer else None
         if params is None or params.num_tokens == 0:
+            if self.cache is not None:
+                return self.cache.match(request, num_computed_tokens, self._meta)
             return 0, False
         prompt = request.prompt_token_ids or []
         load_end = plan_load(params, prompt, self.config.chunk_size)
@@ -198,6 +208,8 @@ class ConnectorScheduler:
             self._d_after_alloc(request, num_external_tokens)
         if self.is_producer:
             self._p_after_alloc(request)
+        if self.cache is not None:
+            self.cache.after_alloc(request, num_external_tokens, self._meta)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheDisaggMetadata:
         """Hand this step's decisions to the workers and start collecting the next step's."""
@@ -227,6 +239,8 @@ class ConnectorScheduler:
             meta.push_progress.append(
                 PushProgress(req_id, list(self._block_ids_of(req_id)), computed_end)
             )
+        if self.cache is not None:
+            self.cache.progress(scheduler_output, meta)
         return meta
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
@@ -237,6 +251,8 @@ class ConnectorScheduler:
         keeps blocks here (vLLM itself holds those of a request still waiting for its KV).
         """
         req_id = request.request_id
+        if self.cache is not None:
+            self.cache.finished(request, self._meta)
         if self.is_consumer:
             self._planned.pop(req_id, None)
             if req_id not in self._dispatched:
@@ -269,6 +285,19 @@ class ConnectorScheduler:
         """Loads the workers finished (or gave up on) are no longer ours to track."""
         for req_id in output.finished_recving or ():
             self._loading.discard(req_id)
+            if self.cache is not None:
+                self.cache.load_settled(req_id)
+
+    def hit_sources(self, request: Request, num_tokens: int) -> dict[str, int]:
+        """Where this step's external tokens of ``request`` come from: ``p2p`` (P's push) or
+        the store's tiers (``l1``/``l2``/``l3``); empty when unknown."""
+        if num_tokens <= 0:
+            return {}
+        if request.request_id in self._dispatched:
+            return {"p2p": num_tokens}
+        if self.cache is not None:
+            return self.cache.hit_sources(request.request_id, num_tokens)
+        return {}
 
     def has_pending_work(self) -> bool:
         """Decisions not yet handed to the workers (keeps the engine stepping)."""

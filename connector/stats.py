@@ -18,10 +18,21 @@ and calls :class:`LMCacheDisaggPromMetrics.observe` there, which updates the Pro
 ``lmcache_disagg_send_pages_used``          P staging pages in flight (gauge; drains to 0)
 ``lmcache_disagg_pending_loads``            D loads not yet settled (gauge)
 ``lmcache_disagg_pending_pushes``           P pushes not yet settled, incl. held blocks (gauge)
+``lmcache_disagg_cache_tokens_loaded_total`` prompt tokens loaded from the chunk store (any tier)
+``lmcache_disagg_cache_tokens_stored_total`` prompt tokens gathered and committed to the store
+``lmcache_disagg_cache_load_failures_total`` cache loads that fell back to recompute, by reason
+``lmcache_disagg_cache_forward_seconds_total`` engine-thread seconds spent storing after forwards
+``lmcache_disagg_cache_leases``             store leases held (gauge; drains to 0)
+``lmcache_disagg_cache_pending_loads``      cache loads not yet settled (gauge)
+``lmcache_disagg_cache_<name>{tier}``       the chunk store's own series (see ``STORE_SERIES``):
+                                            hits, misses, hit tokens, bytes, evictions, promotions,
+                                            faults{reason}, latency histograms, occupancy gauges
 ==========================================  =======================================================
 
 Payload keys: ``c:<name>[:<reason>]`` counters (summed), ``g:<name>`` gauges (summed over ranks;
-the frontend sets the last value) and ``h:<name>`` histogram observations (concatenated).
+the frontend sets the last value) and ``h:<name>`` histogram observations (concatenated). The
+store's per-tier series use ``tc:<name>:<tier>:<reason>``, ``tg:<name>:<tier>`` and
+``th:<name>:<tier>`` the same way.
 """
 
 from __future__ import annotations
@@ -50,15 +61,39 @@ COUNTERS = (
     "bytes_received",
     "loads",
     "pushes",
+    "cache_tokens_loaded",
+    "cache_tokens_stored",
+    "cache_loads",
+    "cache_lookups",
+    "cache_forward_seconds",
 )
-REASON_COUNTERS = ("fallbacks", "push_failures")
+REASON_COUNTERS = ("fallbacks", "push_failures", "cache_load_failures", "cache_store_skipped")
 GAUGES = (
     "pool_pages_used",
     "pool_pages_total",
     "send_pages_used",
     "pending_loads",
     "pending_pushes",
+    "cache_leases",
+    "cache_pending_loads",
 )
+CACHE_PREFIX = PREFIX + "cache_"
+STORE_COUNTERS = (
+    "hits",
+    "misses",
+    "hit_tokens",
+    "read_bytes",
+    "written_bytes",
+    "evictions",
+    "promotions",
+)
+STORE_REASON_COUNTERS = ("faults",)
+STORE_GAUGES = ("used_bytes", "capacity_bytes", "chunks", "pinned_chunks")
+STORE_HISTOGRAMS = {
+    "store_seconds": (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+    "load_seconds": (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+}
+STORE_SERIES = (*STORE_COUNTERS, *STORE_REASON_COUNTERS, *STORE_GAUGES, *STORE_HISTOGRAMS)
 HISTOGRAMS = {
     "load_wait_seconds": (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
     "transfer_gbps": (0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0),
@@ -74,7 +109,7 @@ class LMCacheDisaggStats(KVConnectorStats):
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key, value in other.data.items():
-            if key.startswith("h:"):
+            if key.startswith(("h:", "th:")):
                 self.data[key] = list(self.data.get(key, [])) + list(value)
             else:
                 self.data[key] = self.data.get(key, 0) + value
@@ -83,11 +118,12 @@ class LMCacheDisaggStats(KVConnectorStats):
     def reduce(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {}
         for key, value in self.data.items():
-            if key.startswith("h:"):
+            kind, _, rest = key.partition(":")
+            if kind in ("h", "th"):
                 if value:
-                    out[f"{key[2:]}_avg"] = round(sum(value) / len(value), 4)
+                    out[f"{rest}_avg"] = round(sum(value) / len(value), 4)
             else:
-                out[key[2:]] = value
+                out[rest] = value
         return out
 
     def is_empty(self) -> bool:
@@ -100,8 +136,8 @@ class StatsRecorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._data: dict[str, Any] = {}
-        self._gauges: dict[str, int] = {}
-        self._reported_gauges: dict[str, int] = {}
+        self._gauges: dict[str, int | float] = {}
+        self._reported_gauges: dict[str, int | float] = {}
 
     def count(self, name: str, value: int | float = 1, reason: str | None = None) -> None:
         key = f"c:{name}" if reason is None else f"c:{name}:{reason}"
@@ -114,7 +150,23 @@ class StatsRecorder:
 
     def gauge(self, name: str, value: int) -> None:
         with self._lock:
-            self._gauges[name] = value
+            self._gauges[f"g:{name}"] = value
+
+    def count_tier(
+        self, name: str, tier: str, value: int | float = 1, reason: str | None = None
+    ) -> None:
+        """A chunk-store counter of one tier (``reason`` for faults)."""
+        key = f"tc:{name}:{tier}:{reason or ''}"
+        with self._lock:
+            self._data[key] = self._data.get(key, 0) + value
+
+    def observe_tier(self, name: str, tier: str, value: float) -> None:
+        with self._lock:
+            self._data.setdefault(f"th:{name}:{tier}", []).append(value)
+
+    def gauge_tier(self, name: str, tier: str, value: int | float) -> None:
+        with self._lock:
+            self._gauges[f"tg:{name}:{tier}"] = value
 
     def take(self) -> LMCacheDisaggStats | None:
         """What changed since the last call (None when nothing did)."""
@@ -125,14 +177,14 @@ class StatsRecorder:
             data = self._data
             self._data = {}
             if changed or data:
-                for name, value in self._gauges.items():
-                    data[f"g:{name}"] = value
+                for key, value in self._gauges.items():
+                    data[key] = value
                 self._reported_gauges = dict(self._gauges)
         return LMCacheDisaggStats(data=data)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return copy.deepcopy({**self._data, **{f"g:{k}": v for k, v in self._gauges.items()}})
+            return copy.deepcopy({**self._data, **self._gauges})
 
 
 class LMCacheDisaggPromMetrics(KVConnectorPromMetrics):
@@ -184,6 +236,41 @@ class LMCacheDisaggPromMetrics(KVConnectorPromMetrics):
             )
             for name, buckets in HISTOGRAMS.items()
         }
+        tier_labels = [*labelnames, "tier"]
+        self._store_counters: dict[str, Any] = {
+            name: counter_cls(
+                name=CACHE_PREFIX + name,
+                documentation=f"lmcache-disagg chunk store: {name.replace('_', ' ')} per tier",
+                labelnames=tier_labels,
+            )
+            for name in STORE_COUNTERS
+        }
+        self._store_reason_counters: dict[str, Any] = {
+            name: counter_cls(
+                name=CACHE_PREFIX + name,
+                documentation=f"lmcache-disagg chunk store: {name} per tier and reason",
+                labelnames=[*tier_labels, "reason"],
+            )
+            for name in STORE_REASON_COUNTERS
+        }
+        self._store_gauges: dict[str, Any] = {
+            name: gauge_cls(
+                name=CACHE_PREFIX + name,
+                documentation=f"lmcache-disagg chunk store: {name.replace('_', ' ')} per tier",
+                labelnames=tier_labels,
+                multiprocess_mode="mostrecent",
+            )
+            for name in STORE_GAUGES
+        }
+        self._store_histograms: dict[str, Any] = {
+            name: histogram_cls(
+                name=CACHE_PREFIX + name,
+                documentation=f"lmcache-disagg chunk store: {name.replace('_', ' ')} per tier",
+                labelnames=tier_labels,
+                buckets=list(buckets),
+            )
+            for name, buckets in STORE_HISTOGRAMS.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues.get(engine_idx)
@@ -191,6 +278,9 @@ class LMCacheDisaggPromMetrics(KVConnectorPromMetrics):
             return
         for key, value in transfer_stats_data.items():
             kind, _, rest = key.partition(":")
+            if kind in ("tc", "tg", "th"):
+                self._observe_store(kind, rest, value, labels)
+                continue
             name, _, reason = rest.partition(":")
             if kind == "c" and name in self._counters and not reason:
                 self._counters[name].labels(*labels).inc(value)
@@ -202,3 +292,19 @@ class LMCacheDisaggPromMetrics(KVConnectorPromMetrics):
                 hist = self._histograms[name].labels(*labels)
                 for sample in value:
                     hist.observe(sample)
+
+    def _observe_store(self, kind: str, rest: str, value: Any, labels: list[object]) -> None:
+        name, _, tail = rest.partition(":")
+        tier, _, reason = tail.partition(":")
+        if not tier:
+            return
+        if kind == "tc" and name in self._store_counters:
+            self._store_counters[name].labels(*labels, tier).inc(value)
+        elif kind == "tc" and name in self._store_reason_counters:
+            self._store_reason_counters[name].labels(*labels, tier, reason or "unknown").inc(value)
+        elif kind == "tg" and name in self._store_gauges:
+            self._store_gauges[name].labels(*labels, tier).set(value)
+        elif kind == "th" and name in self._store_histograms:
+            hist = self._store_histograms[name].labels(*labels, tier)
+            for sample in value:
+                hist.observe(sample)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.connector.cache import WorkerCache
 from lmcache_disagg.connector.device import make_copy_engine
 from lmcache_disagg.connector.errors import UnsupportedLayout
 from lmcache_disagg.connector.kvcache import (
@@ -27,7 +28,9 @@ from lmcache_disagg.connector.kvcache import (
 )
 from lmcache_disagg.connector.loader import Loader
 from lmcache_disagg.connector.logonce import LogOnce
+from lmcache_disagg.connector.lookup import LookupAnswer, LookupServer
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
+from lmcache_disagg.connector.protocol import LookupRequest
 from lmcache_disagg.connector.pusher import Pusher
 from lmcache_disagg.connector.stats import LMCacheDisaggStats, StatsRecorder
 from lmcache_disagg.transfer.errors import TransferError
@@ -63,8 +66,12 @@ class ConnectorWorker:
         tp_rank: int,
         tp_size: int,
         use_mla: bool = False,
+        lookup_address: str | None = None,
     ) -> None:
         self.config = config
+        self.lookup_address = lookup_address
+        self.cache: WorkerCache | None = None
+        self.lookup_server: LookupServer | None = None
         self.model = model
         self.is_producer = is_producer
         self.is_consumer = is_consumer
@@ -107,11 +114,23 @@ class ConnectorWorker:
             )
         except UnsupportedLayout as exc:
             logger.error("lmcache-disagg connector inactive (everything is recomputed): %s", exc)
+            self._start_lookups()
             return
         from lmcache_disagg.transfer import KVReceiver, KVSender
 
         kv = self.kv
         copy_engine = make_copy_engine(kv.device)
+        if self.lookup_address is not None:
+            try:
+                cache = WorkerCache(self.config, kv, copy_engine, self.stats, self.log)
+                cache.start()
+                self.cache = cache
+                logger.info(
+                    "lmcache-disagg rank %d: chunk store on (%s)", self.tp_rank, cache.store.usage()
+                )
+            except Exception as exc:  # no cache means recompute, never a dead worker
+                logger.error("lmcache-disagg chunk store failed to start (no cache): %r", exc)
+        self._start_lookups()
         try:
             if self.is_consumer:
                 rank_config = receiver_config_for_rank(self.config, self.tp_rank)
@@ -147,7 +166,23 @@ class ConnectorWorker:
                 logger.info("lmcache-disagg P rank %d: pushing %s", self.tp_rank, kv.fingerprint)
         except TransferError as exc:
             logger.error("lmcache-disagg connector endpoint failed to start: %s", exc)
-            self.shutdown()
+            self._shutdown_transfer()
+
+    def _start_lookups(self) -> None:
+        """Answer the scheduler's lookups (0 without a store, so it never waits for a timeout)."""
+        if self.lookup_address is None:
+            return
+        server = LookupServer(self.lookup_address, self._answer_lookup)
+        try:
+            server.start()
+        except RuntimeError as exc:
+            logger.error("lmcache-disagg cache lookups unavailable: %s", exc)
+            return
+        self.lookup_server = server
+
+    def _answer_lookup(self, request: LookupRequest) -> LookupAnswer:
+        cache = self.cache
+        return LookupAnswer(0) if cache is None else cache.answer(request)
 
     @property
     def endpoint(self) -> str | None:
@@ -169,11 +204,19 @@ class ConnectorWorker:
                 self._orphan_loads.add(spec.req_id)
                 self.stats.count("fallbacks", reason="inactive")
                 self.stats.count("tokens_recomputed", spec.load_end - spec.load_start)
+        if self.cache is not None:
+            self.cache.on_metadata(meta)
+        else:
+            for cache_load in meta.cache_loads:
+                self._orphan_loads.add(cache_load.req_id)
+                self.stats.count("cache_load_failures", reason="inactive")
 
     def after_forward(self) -> None:
         """``wait_for_save``: gather what this step computed and start sending it."""
         if self.pusher is not None:
             self.pusher.after_forward()
+        if self.cache is not None:
+            self.cache.after_forward()
 
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """``(finished_sending, finished_recving, failed_recving)`` for this step."""
@@ -190,6 +233,10 @@ class ConnectorWorker:
             done, bad = self.loader.poll(finished_req_ids)
             recving |= done
             failed |= bad
+        if self.cache is not None:
+            done, bad = self.cache.poll(finished_req_ids)
+            recving |= done
+            failed |= bad
         if self.sender is not None:
             self.stats.gauge("send_pages_used", self.sender.pages_in_use())
         return sending, recving, failed
@@ -198,6 +245,8 @@ class ConnectorWorker:
         return self.stats.take()
 
     def _wait_a_little(self) -> None:
+        if self.cache is not None and self.cache.wait_a_little(IDLE_WAIT):
+            return
         if self.loader is not None and self.receiver is not None:
             transfer_id = self.loader.first_waiting()
             if transfer_id is not None:
@@ -210,6 +259,15 @@ class ConnectorWorker:
 
     def shutdown(self) -> None:
         """Stop everything this worker started. Idempotent."""
+        if self.lookup_server is not None:
+            self.lookup_server.shutdown()
+            self.lookup_server = None
+        self._shutdown_transfer()
+        if self.cache is not None:
+            self.cache.shutdown()
+            self.cache = None
+
+    def _shutdown_transfer(self) -> None:
         if self.pusher is not None:
             self.pusher.shutdown()
             self.pusher = None

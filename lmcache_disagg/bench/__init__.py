@@ -7,6 +7,8 @@
   :mod:`.loadgen`), the fault soak and the upstream-client comparison (:mod:`.clients`).
 * :mod:`.routing`  - routing policies on a multi-round chat workload (simulated D workers, real
   KV events, subscriber, index and policy).
+* :mod:`.cache`    - TTFT cold vs warm from each tier of the chunk store, the scatter limit, the
+  storing overhead and a multi-round chat with and without the cache.
 
 Each module exposes ``main(argv: list[str]) -> int`` and is imported only when it runs, so
 ``lmcache-disagg --help`` stays instant. Results and their method are in the README's benchmark
@@ -28,6 +30,7 @@ BENCH_MODULES: Final[Mapping[str, str]] = MappingProxyType(
         "kernels": "lmcache_disagg.bench.kernels",
         "e2e": "lmcache_disagg.bench.e2e",
         "routing": "lmcache_disagg.bench.routing",
+        "cache": "lmcache_disagg.bench.cache",
     }
 )
 """Bench target -> module exposing ``main(argv: list[str]) -> int``."""

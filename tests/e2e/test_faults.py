@@ -23,6 +23,7 @@ from lmcache_disagg.kv_params import DO_REMOTE_DECODE, KV_TRANSFER_PARAMS, PUSH_
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
 from tests.e2e.utils import (
     FAST_TIMEOUTS,
+    TRANSFER_ONLY,
     VERIFY_ENV,
     Proxy,
     Result,
@@ -59,7 +60,7 @@ class Workers:
 
 
 def _server(model: Path, log: Path, role: str, core: int, **extra: object) -> VLLMServer:
-    config = {"channel": "tcp", **FAST_TIMEOUTS, **extra}
+    config = {"channel": "tcp", **FAST_TIMEOUTS, **TRANSFER_ONLY, **extra}
     # Each fault test reuses the same prompts: without prefix caching every one of them really
     # goes through the KV path again (a local hit would skip the load). P prefills in 384-token
     # steps (chunked prefill), so long prompts are pushed chunk by chunk while still computing.

@@ -323,6 +323,11 @@ FAST_TIMEOUTS = {
     "reservation_ttl": "30s",
 }
 
+TRANSFER_ONLY = {"local_cpu": False}
+"""The PD transfer tests resend their prompts on purpose (each must take the KV path again), so
+their workers run without the chunk store (on by default), as they did before it existed; the
+store's own tests (``test_cache.py``) cover PD with reuse."""
+
 
 def start_servers(*servers: VLLMServer) -> None:
     """Start ``servers`` in order; if one fails, stop all of them (nothing left running)."""
@@ -348,8 +353,14 @@ def start_pair(
     from lmcache_disagg.vllm_server import VLLMServerSpec
 
     kv_port = free_port()
-    d_config = {"channel": channel, "listen_port": kv_port, **FAST_TIMEOUTS, **(d_extra or {})}
-    p_config = {"channel": channel, "listen_port": free_port(), **FAST_TIMEOUTS, **(p_extra or {})}
+    d_config = {
+        "channel": channel, "listen_port": kv_port, **FAST_TIMEOUTS, **TRANSFER_ONLY,
+        **(d_extra or {}),
+    }  # fmt: skip
+    p_config = {
+        "channel": channel, "listen_port": free_port(), **FAST_TIMEOUTS, **TRANSFER_ONLY,
+        **(p_extra or {}),
+    }  # fmt: skip
     decode = VLLMServer(
         VLLMServerSpec(
             model_dir=str(model_dir),

@@ -26,6 +26,7 @@ import psutil
 
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
 from tests.e2e.utils import (
+    TRANSFER_ONLY,
     VERIFY_ENV,
     Proxy,
     connector_config,
@@ -105,8 +106,11 @@ def start_cluster(model_dir: Path, log_dir: Path, *, verify: bool = False) -> Cl
         "data_port": data_port,
         "advertised_data_port": relay_port,
         **TIMEOUTS,
+        **TRANSFER_ONLY,
     }
-    p_config = {"channel": "tcp", "listen_port": 0, "push_allowlist": [kv], **TIMEOUTS}
+    p_config = {
+        "channel": "tcp", "listen_port": 0, "push_allowlist": [kv], **TIMEOUTS, **TRANSFER_ONLY,
+    }  # fmt: skip
     env = VERIFY_ENV if verify else {}
 
     def spec(role: str, core: int, config: dict[str, Any]) -> VLLMServerSpec:
