@@ -18,6 +18,7 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
 
 from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.connector.cache_load import CacheLoader, HitSpan, LeasedHit
@@ -32,7 +33,10 @@ from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.protocol import LookupRequest
 from lmcache_disagg.connector.stats import StatsRecorder
 
-__all__ = ["MAX_OPEN_LEASES", "WorkerCache", "cache_enabled", "fetch_timeout"]
+if TYPE_CHECKING:
+    from lmcache_disagg.transfer.event_publisher import KVEventPublisher
+
+__all__ = ["MAX_OPEN_LEASES", "WorkerCache", "cache_enabled", "events_endpoint", "fetch_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +77,12 @@ class WorkerCache:
         self.config = config
         self.kv = kv
         self.stats = stats
+        self.events = _events_publisher(config, kv)
         self.store = ChunkStore(
-            StoreSettings.from_config(config), kv.fingerprint, metrics=StoreStatsAdapter(stats)
+            StoreSettings.from_config(config),
+            kv.fingerprint,
+            metrics=StoreStatsAdapter(stats),
+            listener=self.events,
         )
         self._root = chain_root(kv.fingerprint)
         self._lock = threading.Lock()
@@ -93,6 +101,12 @@ class WorkerCache:
         )
 
     def start(self) -> None:
+        if self.events is not None:
+            self.events.start()
+            logger.info(
+                "lmcache-disagg rank %d: KV events on %s (snapshots on %s)",
+                self.kv.fingerprint.tp_rank, self.events.endpoint, self.events.snapshot_endpoint,
+            )  # fmt: skip
         self.store.start()
 
     # -- lookup thread ---------------------------------------------------------------------------
@@ -193,3 +207,21 @@ class WorkerCache:
         for lease_id in leases:
             self.store.release(lease_id)
         self.store.close(timeout=5.0)
+        if self.events is not None:
+            self.events.close()
+
+
+def _events_publisher(config: LMCacheDisaggConfig, kv: WorkerKV) -> KVEventPublisher | None:
+    """This rank's KV event publisher when ``kv_events_endpoint`` is set (rank r: port + 2r)."""
+    if config.kv_events_endpoint is None:
+        return None
+    from lmcache_disagg.transfer.event_publisher import KVEventPublisher, PublisherSettings
+
+    endpoint = events_endpoint(config.kv_events_endpoint, kv.fingerprint.tp_rank)
+    return KVEventPublisher(PublisherSettings(endpoint), kv.fingerprint)
+
+
+def events_endpoint(configured: str, tp_rank: int) -> str:
+    """Rank ``tp_rank``'s PUB endpoint: the configured port + 2 x rank (0 stays ephemeral)."""
+    head, _, port = configured.rpartition(":")
+    return f"{head}:{int(port) + 2 * tp_rank}" if int(port) else configured

@@ -3,7 +3,7 @@
 Subcommands:
 
 * ``demo``                       - a local CPU 1P1D cluster on the tiny model (see ``demo.py``).
-* ``bench transfer|proxy|kernels|e2e|cache [...]`` - benchmarks; ``--json`` prints one JSON object last.
+* ``bench transfer|proxy|kernels|e2e|routing|cache [...]`` - benchmarks; ``--json`` prints one JSON object last.
 * ``make-tiny-model DIR [...]``  - build the offline random-weight Llama used by tests and demo.
 
 Each subcommand's module is imported only when it runs, so ``--help`` is instant and the proxy-only
@@ -31,7 +31,7 @@ USAGE = """usage: lmcache-disagg <command> [args]
 
 commands:
   demo                              run a local CPU 1P1D cluster on the tiny model
-  bench {transfer,proxy,kernels,e2e,cache} [--json] [...]
+  bench {transfer,proxy,kernels,e2e,routing,cache} [--json] [...]
                                     benchmarks (each runs its baseline in the same run)
   make-tiny-model DIR [--layers N --hidden H --kv-heads K --dtype D ...]
                                     build the offline random-weight test model

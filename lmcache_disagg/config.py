@@ -254,6 +254,12 @@ class LMCacheDisaggConfig(BaseModel):
     cache_write_queue: int = Field(
         default=256, ge=1, le=1 << 20, description="chunks queued for lower-tier writes"
     )
+    kv_events_endpoint: str | None = Field(
+        default=None,
+        description="publish the chunk store's KV events (ZMQ PUB, msgpack) for the proxy's "
+        "cache_aware routing, e.g. tcp://*:17570; TP rank r adds 2r to the port, and the "
+        "snapshot socket is the next port",
+    )
 
     # -- transfer -----------------------------------------------------------------------------
     channel: Literal["auto", "nixl", "tcp"] = "auto"
@@ -296,6 +302,16 @@ class LMCacheDisaggConfig(BaseModel):
     # -- proxy --------------------------------------------------------------------------------
     prefill_instances: tuple[InstanceConfig, ...] = ()
     decode_instances: tuple[InstanceConfig, ...] = ()
+
+    @field_validator("kv_events_endpoint")
+    @classmethod
+    def _events_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _, sep, port = value.rpartition(":")
+        if not value.startswith("tcp://") or not sep or not port.isdigit() or int(port) > 65533:
+            raise ValueError(f"kv_events_endpoint {value!r} must be tcp://HOST:PORT")
+        return value
 
     @field_validator("push_allowlist")
     @classmethod

@@ -104,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts shorter than this (estimated tokens) skip P; 0 = off",
     )
     p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="cache_aware: the model directory holding tokenizer.json (default: the workers' "
+        "model, when it is a local directory)",
+    )
+    p.add_argument(
+        "--kv-events",
+        action="append",
+        default=[],
+        metavar="WORKER=tcp://HOST:PORT|auto[:PORT]",
+        help="cache_aware: a worker's KV events endpoint (repeatable), or auto: every worker's "
+        "host at the default events port",
+    )
+    p.add_argument(
+        "--skip-prefill-chunks",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cache_aware: D computes the prompt itself when it lacks at most N chunks of it "
+        "(-1: never)",
+    )
+    p.add_argument(
         "--no-local-fallback",
         action="store_true",
         help="fail instead of letting D prefill when no P is usable",
@@ -232,6 +254,9 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         or env.get("LMCACHE_CLUSTER_SECRET")
         or None,
         workers=args.workers,
+        tokenizer=args.tokenizer,
+        kv_events=tuple(args.kv_events),
+        skip_prefill_chunks=args.skip_prefill_chunks,
     )
 
 

@@ -13,6 +13,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["ProxyMetrics"]
 
+_TOKEN_BUCKETS = (0, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -75,6 +76,48 @@ class ProxyMetrics:
             ["endpoint", "reason"],
             registry=r,
         )
+        # cache_aware routing (zero when another policy runs)
+        self.kv_index_keys = Gauge(
+            "lmcache_proxy_kv_index_keys", "Chunk keys in the proxy's KV index",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.kv_worker_keys = Gauge(
+            "lmcache_proxy_kv_index_worker_keys", "Chunk keys the index lists for each worker",
+            ["worker"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.kv_sources = Gauge(
+            "lmcache_proxy_kv_event_sources", "Workers' KV event streams by sync state",
+            ["state"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.kv_events = Counter(
+            "lmcache_proxy_kv_events_received", "KV events applied to the index", registry=r
+        )
+        self.kv_events_lost = Counter(
+            "lmcache_proxy_kv_event_batches_lost",
+            "KV event batches known lost (sequence gaps; each healed by a snapshot resync)",
+            registry=r,
+        )
+        self.kv_resyncs = Counter(
+            "lmcache_proxy_kv_resyncs", "Index resyncs from a worker's snapshot", registry=r
+        )
+        self.kv_invalid = Counter(
+            "lmcache_proxy_kv_invalid_messages", "Malformed KV event messages dropped", registry=r
+        )
+        self.predicted_hit_tokens = Histogram(
+            "lmcache_proxy_predicted_hit_tokens",
+            "Per request: the chosen D's cached prefix according to the index",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.actual_hit_tokens = Histogram(
+            "lmcache_proxy_actual_hit_tokens",
+            "Per request: D's reported cached tokens minus those P pushed (non-streamed answers)",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.cache_aware_decisions = Counter(
+            "lmcache_proxy_cache_aware_decisions",
+            "cache_aware prefill decisions by reason (cached_on_decode skips P)",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             "lmcache_proxy_rejected", "Requests refused before routing", ["reason"], registry=r
         )

@@ -33,6 +33,7 @@ from lmcache_disagg.proxy.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from lmcache_disagg.proxy.kvrouting import KVRouting, reported_cached_tokens
 from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.routing import Router
 from lmcache_disagg.proxy.settings import ProxySettings
@@ -104,6 +105,10 @@ class RequestContext:
     fallback: str | None = None
     pushed_tokens: int | None = None
     prefill_prompt_tokens: int | None = None
+    token_ids: list[int] | None = None
+    """cache_aware: the prompt as the workers will tokenize it (None: not predictable)."""
+    predicted_hit_tokens: int | None = None
+    """cache_aware: the chosen D's cached prefix according to the index."""
     status: int = 0
     error: str | None = None
 
@@ -117,7 +122,9 @@ class PDFlow:
         router: Router,
         client: UpstreamClient,
         metrics: ProxyMetrics,
+        kv: KVRouting | None = None,
     ) -> None:
+        self._kv = kv
         self._s = settings
         self._router = router
         self._client = client
@@ -163,12 +170,21 @@ class PDFlow:
     # -- the flow ---------------------------------------------------------------------------
     async def run(self, ctx: RequestContext) -> Reply:
         """Serve one request. Raises ProxyError when it fails before any answer exists."""
-        decode = self._router.pick("decode", ctx.prefix)
+        decode, choice = self._router.pick_cached("decode", ctx.prefix, (), ctx.token_ids)
         if decode is None:
             raise NoWorkerAvailable("no healthy decode worker")
         params: dict[str, Any] | None = None
         threshold = self._s.local_prefill_threshold
-        if threshold and ctx.est_tokens < threshold:
+        reason = None
+        if choice is not None and self._kv is not None and ctx.token_ids:
+            ctx.predicted_hit_tokens = choice.cached_tokens
+            self._m.predicted_hit_tokens.observe(choice.cached_tokens)
+            reason = self._kv.policy.prefill_decision(ctx.token_ids, choice)
+            self._m.cache_aware_decisions.labels(reason).inc()
+        if reason == "cached_on_decode":
+            ctx.fallback = "cached_on_decode"
+            self._m.fallbacks.labels("cached_on_decode").inc()
+        elif threshold and ctx.est_tokens < threshold:
             ctx.fallback = "short_prompt"
             self._m.fallbacks.labels("short_prompt").inc()
         elif is_batch_prompt(ctx.body):
@@ -194,7 +210,7 @@ class PDFlow:
         last_error: ProxyError | None = None
         t0 = time.perf_counter()
         for attempt in range(1, self._s.prefill_attempts + 1):
-            worker = self._router.pick("prefill", ctx.prefix, tried)
+            worker = self._router.pick("prefill", ctx.prefix, tried, ctx.token_ids)
             if worker is None:
                 break
             if attempt > 1:
@@ -311,7 +327,8 @@ class PDFlow:
                 return reply
             # Retry before the first byte on another D. The KV (if any) went to the failed D,
             # so the new D either prefills locally or gets a fresh push.
-            worker = self._router.pick("decode", ctx.prefix, tried)
+            worker = self._router.pick("decode", ctx.prefix, tried, ctx.token_ids)
+            ctx.predicted_hit_tokens = None  # the prediction was for the failed D
             if worker is None:
                 break
             self._m.retries.labels("decode", type(last_error).__name__).inc()
@@ -327,6 +344,15 @@ class PDFlow:
         if last_error is not None:
             raise last_error
         raise NoWorkerAvailable("no healthy decode worker")
+
+    def _observe_actual(self, ctx: RequestContext, data: bytes) -> None:
+        """cache_aware: what D really had cached (its report, minus what P pushed to it)."""
+        reported = reported_cached_tokens(data)
+        if reported is None or self._kv is None:
+            return
+        actual = max(reported - (ctx.pushed_tokens or 0), 0)
+        self._m.actual_hit_tokens.observe(actual)
+        self._kv.observe(ctx.predicted_hit_tokens or 0, actual)
 
     def _releaser(
         self, worker: Worker, tokens: int, then: Callable[[], None] | None
@@ -379,6 +405,8 @@ class PDFlow:
         ctx.status = up.status
         if not ctx.stream:
             up.aclose()  # read to its end: the connection goes back to the pool
+            if ctx.predicted_hit_tokens is not None:
+                self._observe_actual(ctx, data)
             data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
             return Reply(up.status, data, self._resp_headers(ctx))
         return Reply(

@@ -24,7 +24,9 @@ from typing import Any
 
 import orjson
 
+from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.accesslog import AccessLog
+from lmcache_disagg.proxy.cache_aware import CacheAwareSettings
 from lmcache_disagg.proxy.errors import (
     ClientRequestError,
     NoWorkerAvailable,
@@ -32,6 +34,14 @@ from lmcache_disagg.proxy.errors import (
     UpstreamStatusError,
 )
 from lmcache_disagg.proxy.kvprobe import KVPathProber
+from lmcache_disagg.proxy.kvrouting import (
+    KVRouting,
+    KVRoutingSettings,
+    KVRoutingStatsDelta,
+    event_sources,
+    tokenizer_dir_from_models,
+)
+from lmcache_disagg.proxy.kvsync import SyncState
 from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.pd import PDFlow, Reply, RequestContext, error_body
 from lmcache_disagg.proxy.routing import Router
@@ -61,7 +71,8 @@ class ProxyApp:
         self.pool = WorkerPool(settings.breaker_threshold, settings.breaker_cooldown)
         self.pool.add_all(settings.prefill)
         self.pool.add_all(settings.decode)
-        self.router = Router(self.pool, settings.policy)
+        self.kv = _kv_routing(settings)
+        self.router = Router(self.pool, settings.policy, self.kv)
         upstream_headers = {"content-type": "application/json"}
         if settings.worker_key:
             upstream_headers["authorization"] = f"Bearer {settings.worker_key}"
@@ -71,7 +82,9 @@ class ProxyApp:
             max_response=64 * 1024 * 1024,
             headers=upstream_headers,
         )
-        self.flow = PDFlow(settings, self.router, self.client, self.metrics)
+        self.flow = PDFlow(settings, self.router, self.client, self.metrics, self.kv)
+        self._kv_synced = KVRoutingStatsDelta()
+        self._tokenizer_warned = False
         self.inflight = 0
         # Request ids: a random per-process prefix plus a counter (cheaper than uuid4 per request).
         self._rid_prefix = secrets.token_hex(6)
@@ -96,6 +109,8 @@ class ProxyApp:
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         await self.client.start()
+        if self.kv is not None:
+            self.kv.start()
         await self._check_all()
         loop = asyncio.get_running_loop()
         self._health_task = loop.create_task(self._health_loop(), name="lmcache-proxy-health")
@@ -112,6 +127,8 @@ class ProxyApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.client.close()
+        if self.kv is not None:
+            self.kv.close()
         if self._access is not None:
             self._access.flush()
         if self._kv_prober is not None:
@@ -134,6 +151,55 @@ class ProxyApp:
         workers = list(self.pool)
         if workers:
             await asyncio.gather(*(self._check(w) for w in workers))
+        if self.kv is not None:
+            if self.kv.tokenizer is None:
+                await self._find_tokenizer()
+            self._export_kv_stats()
+
+    async def _find_tokenizer(self) -> None:
+        """cache_aware without --tokenizer: use the workers' model if it is a local directory."""
+        assert self.kv is not None
+        for worker in self.pool:
+            if not worker.healthy:
+                continue
+            try:
+                status, body = await self.client.fetch(
+                    worker, "GET", "/v1/models", None, None, self.settings.timeouts.health
+                )
+                models = orjson.loads(body) if status == 200 else None
+            except (ProxyError, orjson.JSONDecodeError):
+                continue
+            directory = tokenizer_dir_from_models(models)
+            if directory is not None:
+                try:
+                    self.kv.set_tokenizer(directory)
+                except (ConfigError, OSError, ValueError) as exc:
+                    _log.warning("cache_aware: cannot load the tokenizer of %s: %s", directory, exc)
+                    continue
+                _log.info("cache_aware: tokenizing with %s (from %s)", directory, worker.http)
+                return
+        if not self._tokenizer_warned:
+            self._tokenizer_warned = True
+            _log.warning(
+                "cache_aware: no tokenizer yet (pass --tokenizer DIR); routing by load meanwhile"
+            )
+
+    def _export_kv_stats(self) -> None:
+        assert self.kv is not None
+        stats = self.kv.stats()
+        m = self.metrics
+        m.kv_index_keys.set(stats.index_keys)
+        for worker, keys in stats.worker_keys.items():
+            m.kv_worker_keys.labels(worker).set(keys)
+        for state in SyncState:
+            m.kv_sources.labels(state.value).set(
+                sum(1 for s in stats.sources.values() if s is state)
+            )
+        delta = self._kv_synced.advance(stats)
+        m.kv_events.inc(delta.events_received)
+        m.kv_events_lost.inc(delta.batches_lost)
+        m.kv_resyncs.inc(delta.resyncs)
+        m.kv_invalid.inc(delta.invalid_messages)
 
     async def _check(self, worker: Worker) -> None:
         try:
@@ -190,13 +256,15 @@ class ProxyApp:
             for name in dropped:
                 self.metrics.internal_fields_dropped.labels(name).inc()
                 _log.warning("request %s: dropped client-supplied internal field %r", rid, name)
+            token_ids = self.kv.tokens(body) if self.kv is not None else None
             ctx = RequestContext(
                 request_id=rid,
                 path=path,
                 body=body,
                 stream=bool(body.get("stream")),
-                est_tokens=estimate_tokens(body),
+                est_tokens=len(token_ids) if token_ids else estimate_tokens(body),
                 prefix=prefix_key(body),
+                token_ids=token_ids,
             )
             return await self.flow.run(ctx), ctx
         except ClientRequestError as exc:
@@ -342,3 +410,14 @@ class ProxyApp:
         probe = asyncio.get_running_loop().create_task(self._check(worker))
         self._probe_tasks.add(probe)
         probe.add_done_callback(self._probe_tasks.discard)
+
+
+def _kv_routing(settings: ProxySettings) -> KVRouting | None:
+    """cache_aware's tokenizer, index and event subscriber (None for the other policies)."""
+    if settings.policy != "cache_aware":
+        return None
+    workers = [w.http for w in (*settings.prefill, *settings.decode)]
+    sources = event_sources(settings.kv_events or ("auto",), workers)
+    skip = settings.skip_prefill_chunks
+    policy = CacheAwareSettings(skip_prefill_chunks=None if skip < 0 else skip)
+    return KVRouting(KVRoutingSettings(settings.tokenizer, sources, policy))

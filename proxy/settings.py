@@ -13,8 +13,8 @@ from lmcache_disagg.errors import ConfigError
 
 __all__ = ["POLICIES", "ProxySettings", "Timeouts", "WorkerSpec", "parse_worker_spec"]
 
-Policy = Literal["round_robin", "least_loaded", "prefix_aware"]
-POLICIES: tuple[Policy, ...] = ("round_robin", "least_loaded", "prefix_aware")
+Policy = Literal["round_robin", "least_loaded", "prefix_aware", "cache_aware"]
+POLICIES: tuple[Policy, ...] = ("round_robin", "least_loaded", "prefix_aware", "cache_aware")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +130,13 @@ class ProxySettings:
     shutdown_grace: float = 10.0
     workers: int = 1
     upstream_pool_size: int = 1024
+    tokenizer: str | None = None
+    """cache_aware: the model directory with tokenizer.json (None: the workers' local model)."""
+    kv_events: tuple[str, ...] = ()
+    """cache_aware: ``WORKER=tcp://HOST:PORT[,snapshot=...]`` event sources, or ``auto[:PORT]``
+    (every worker's host at the default events port)."""
+    skip_prefill_chunks: int = 1
+    """cache_aware: skip P when D lacks at most this many chunks of the prompt; -1 never."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -155,6 +162,14 @@ class ProxySettings:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_header_bytes < 1024:
             raise ConfigError(f"max_header_bytes must be >= 1024, got {self.max_header_bytes}")
+        if self.skip_prefill_chunks < -1:
+            raise ConfigError("skip_prefill_chunks must be >= 0, or -1 to never skip P")
+        if self.kv_events and self.policy != "cache_aware":
+            raise ConfigError("--kv-events is used by --policy cache_aware only")
+        if self.policy == "cache_aware":
+            from lmcache_disagg.proxy.kvrouting import event_sources
+
+            event_sources(self.kv_events, [w.http for w in (*self.prefill, *self.decode)])
         for name in ("breaker_cooldown", "shutdown_grace"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")

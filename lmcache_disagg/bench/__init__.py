@@ -5,6 +5,8 @@
 * :mod:`.e2e`      - monolithic vLLM vs our PD vs stock NixlConnector behind our proxy.
 * :mod:`.proxy`    - the proxy against vllm-router on stub workers (:mod:`.stub_worker`,
   :mod:`.loadgen`), the fault soak and the upstream-client comparison (:mod:`.clients`).
+* :mod:`.routing`  - routing policies on a multi-round chat workload (simulated D workers, real
+  KV events, subscriber, index and policy).
 * :mod:`.cache`    - TTFT cold vs warm from each tier of the chunk store, the scatter limit, the
   storing overhead and a multi-round chat with and without the cache.
 
@@ -27,6 +29,7 @@ BENCH_MODULES: Final[Mapping[str, str]] = MappingProxyType(
         "proxy": "lmcache_disagg.bench.proxy",
         "kernels": "lmcache_disagg.bench.kernels",
         "e2e": "lmcache_disagg.bench.e2e",
+        "routing": "lmcache_disagg.bench.routing",
         "cache": "lmcache_disagg.bench.cache",
     }
 )

@@ -40,6 +40,7 @@ from lmcache_disagg.bench.cluster import (
 
 __all__ = ["main"]
 
+CACHE_AWARE = "lmcache-disagg-proxy cache_aware (workers=1)"
 _PROMPT = "The quick brown fox jumps over the lazy dog while the proxy routes prefill and decode"
 
 
@@ -95,9 +96,16 @@ def _wait_generate(target: str, proc: Proc, timeout: float = 30.0) -> None:
 def _throughput(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     p_port, d_port = free_port(), free_port()
     procs: list[Proc] = []
+    events = {p_port: f"tcp://127.0.0.1:{free_port()}", d_port: f"tcp://127.0.0.1:{free_port()}"}
+
+    def stub_flags(port: int) -> list[str]:
+        if not args.cache_aware:
+            return []
+        return ["--kv-events", events[port], "--tokenizer", args.cache_aware]
+
     try:
-        procs.append(start_stub("prefill", p_port, log_dir))
-        procs.append(start_stub("decode", d_port, log_dir))
+        procs.append(start_stub("prefill", p_port, log_dir, stub_flags(p_port)))
+        procs.append(start_stub("decode", d_port, log_dir, stub_flags(d_port)))
         for proc, port in zip(procs, (p_port, d_port), strict=True):
             wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
         targets: dict[str, str] = {}
@@ -110,6 +118,19 @@ def _throughput(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             procs.append(proxy)
             _wait_generate(f"127.0.0.1:{port}", proxy)
             targets[f"lmcache-disagg-proxy (workers={n})"] = f"127.0.0.1:{port}"
+        if args.cache_aware:
+            port = free_port()
+            flags = ["--policy", "cache_aware", "--tokenizer", args.cache_aware,
+                     "--skip-prefill-chunks", str(args.skip_prefill_chunks)]  # fmt: skip
+            for stub_port, endpoint in events.items():
+                flags += ["--kv-events", f"127.0.0.1:{stub_port}={endpoint}"]
+            proxy = start_proxy(
+                port, [f"127.0.0.1:{p_port}"], [f"127.0.0.1:{d_port}"], log_dir,
+                [*flags, "--no-access-log", "--log-level", "warning"],
+            )  # fmt: skip
+            procs.append(proxy)
+            _wait_generate(f"127.0.0.1:{port}", proxy)
+            targets[CACHE_AWARE] = f"127.0.0.1:{port}"
         router = _router_binary() if not args.no_router else None
         if router is not None:
             port = free_port()
@@ -154,6 +175,11 @@ def _summarise(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
                 "non_200": sum(n for r in results for s, n in r["statuses"].items() if s != "200"),
                 "rounds": [round(r["req_per_s"]) for r in results],
             }
+        aware, plain = by_target.get(CACHE_AWARE), by_target.get("lmcache-disagg-proxy (workers=1)")
+        if aware and plain:
+            rows[CACHE_AWARE]["ratio_vs_round_robin"] = statistics.median(
+                a["req_per_s"] / b["req_per_s"] for a, b in zip(aware, plain, strict=True)
+            )
         base = by_target.get("vllm-router")
         if base:
             # Ratios are paired per round (same background load), then the median is taken.
@@ -317,6 +343,9 @@ def _print_table(summary: dict[str, Any]) -> None:
                 f"  {name:36} {row['req_per_s']:9.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}"
                 f" {ratio_text} {p50_text}   rounds={row['rounds']}"
             )
+        aware = rows.get(CACHE_AWARE, {}).get("ratio_vs_round_robin")
+        if aware is not None:
+            print(f"  cache_aware / round_robin req/s (median of per-round ratios): {aware:.2f}")
         print("  (x router, p50/router: median over rounds of the per-round ratio)")
 
 
@@ -333,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of --workers values to measure (default 1,2)",
     )  # fmt: skip
     parser.add_argument("--no-router", action="store_true")
+    parser.add_argument(
+        "--cache-aware", metavar="TOKENIZER_DIR",
+        help="also measure --policy cache_aware (stubs publish KV events; the proxy tokenizes "
+        "with this model's tokenizer) against round_robin on the same stubs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--skip-prefill-chunks", type=int, default=-1,
+        help="with --cache-aware: the proxy's flag; -1 (default) keeps every request on P and "
+        "D like round_robin, so the ratio measures the routing cost alone",
+    )  # fmt: skip
     parser.add_argument("--faults", action="store_true", help="the fault-injection run")
     parser.add_argument("--clients", action="store_true",
                         help="compare upstream HTTP clients (aiohttp, httpx, ours) on one stub")  # fmt: skip

@@ -15,6 +15,10 @@ call also takes ``slow_delay``, ``report_cached`` and ``model``):
 ``500``, ``400``, ``hang``, ``reset`` (TCP RST before answering), ``slow`` (``--slow-delay`` per
 token), ``die`` (die mid-stream / mid-body), ``unhealthy`` (``/health`` answers 503).
 
+With ``--kv-events tcp://HOST:PORT --tokenizer DIR`` it keeps a chunk-key cache and publishes
+real KV events (:mod:`.stub_cache`); ``cached_tokens`` is then its own hit plus what P pushed, and
+``POST /stub/fault {"forget_cache": true}`` empties the cache without telling the proxy.
+
 Introspection for tests: ``GET /stub/log`` returns the recent requests (bounded) and events such as
 ``cancelled`` (the client - i.e. the proxy - closed the connection while the request was running).
 """
@@ -27,7 +31,7 @@ import random
 import signal
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -39,6 +43,9 @@ from lmcache_disagg.bench.stub_http import (
     make_listen_socket,
     serve,
 )
+
+if TYPE_CHECKING:
+    from lmcache_disagg.bench.stub_cache import StubCache
 
 __all__ = ["FAULTS", "StubWorker", "main"]
 
@@ -83,7 +90,9 @@ class StubWorker:
         slow_delay: float = 0.05,
         report_cached: bool = False,
         seed: int = 0,
+        cache: StubCache | None = None,
     ) -> None:
+        self.cache = cache
         self.role = role
         self.port = port
         self.model = model
@@ -145,6 +154,8 @@ class StubWorker:
             self.fault_rate = float(spec.get("rate", 1.0))
             if "slow_delay" in spec:
                 self.slow_delay = float(spec["slow_delay"])
+            if "forget_cache" in spec and self.cache is not None:
+                self.cache.forget()
             if "report_cached" in spec:
                 self.report_cached = bool(spec["report_cached"])
             if "model" in spec:
@@ -201,6 +212,7 @@ class StubWorker:
             resp.abort(reset=True)
             return
         n_prompt = _prompt_tokens(body)
+        cached_here = self.cache.serve(body) if self.cache is not None else None
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         cid = ("chatcmpl-" if chat else "cmpl-") + (rid or "x")
@@ -255,6 +267,9 @@ class StubWorker:
         if self.report_cached:
             cached = in_params.get(kv_params.NUM_TOKENS, 0) if isinstance(in_params, dict) else 0
             usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        elif cached_here is not None:
+            pushed = in_params.get(kv_params.NUM_TOKENS, 0) if isinstance(in_params, dict) else 0
+            usage["prompt_tokens_details"] = {"cached_tokens": cached_here + pushed}
         if body.get("stream"):
             await self._stream(resp, chat, cid, obj, created, n, max_tokens, usage, body, fault)
             return
@@ -346,6 +361,14 @@ class StubWorker:
 
 
 async def _amain(args: argparse.Namespace) -> None:
+    cache = None
+    if args.kv_events:
+        from lmcache_disagg.bench.stub_cache import StubCache
+
+        if not args.tokenizer:
+            raise SystemExit("--kv-events needs --tokenizer DIR")
+        cache = StubCache(args.kv_events, args.tokenizer, args.cache_chunks, f"stub-{args.port}")
+        cache.start()
     worker = StubWorker(
         role=args.role,
         port=args.port,
@@ -355,6 +378,7 @@ async def _amain(args: argparse.Namespace) -> None:
         slow_delay=args.slow_delay,
         report_cached=args.report_cached,
         seed=args.seed,
+        cache=cache,
     )
     sock = make_listen_socket(args.host, args.port)
     server = await serve(worker.handle, sock, ServerLimits(keep_alive_timeout=300.0))
@@ -365,6 +389,8 @@ async def _amain(args: argparse.Namespace) -> None:
     print(f"stub {args.role} listening on {args.host}:{args.port}", flush=True)
     await stop.wait()
     server.close()
+    if cache is not None:
+        cache.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-delay", type=float, default=0.05)
     parser.add_argument("--report-cached", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--kv-events",
+        metavar="tcp://HOST:PORT",
+        help="keep a chunk cache and publish its KV events here",
+    )
+    parser.add_argument("--tokenizer", metavar="DIR", help="with --kv-events: the tokenizer")
+    parser.add_argument("--cache-chunks", type=int, default=4096)
+    args = parser.parse_args(argv)  # fmt: skip
     try:
         import uvloop
 

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SUBPACKAGES = ("proxy", "transfer", "connector", "kernels")
+SUBPACKAGES = ("proxy", "transfer", "connector", "kernels", "bench")
 
 
 def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:

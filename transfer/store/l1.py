@@ -62,16 +62,16 @@ class L1Cache:
         self._pins = 0
 
     # -- pages -------------------------------------------------------------------------------
-    def reserve(self) -> tuple[int | None, int]:
+    def reserve(self) -> tuple[int | None, list[bytes]]:
         """A free page (evicting the least recently used unpinned chunk if needed) and the
-        number of chunks evicted; ``(None, n)`` when every page is reserved or pinned."""
-        evicted = 0
+        keys of the chunks evicted; ``(None, [])`` when every page is reserved or pinned."""
+        evicted: list[bytes] = []
         if not self._free:
             victim = next((k for k, e in self._entries.items() if e.pins == 0), None)
             if victim is None:
-                return None, 0
+                return None, []
             self._drop(victim)
-            evicted = 1
+            evicted.append(victim)
         slot = self._free.pop()
         self._reserved.add(slot)
         return slot, evicted

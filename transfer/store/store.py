@@ -33,6 +33,7 @@ from lmcache_disagg.transfer.store.format import (
     verify_record,
 )
 from lmcache_disagg.transfer.store.l1 import L1Cache
+from lmcache_disagg.transfer.store.listener import TIER_NAMES, NullStoreListener, StoreListener
 from lmcache_disagg.transfer.store.metrics import NullStoreMetrics, StoreMetrics
 from lmcache_disagg.transfer.store.remote import RemoteTier
 from lmcache_disagg.transfer.store.settings import StoreSettings
@@ -82,8 +83,10 @@ class ChunkStore:
         settings: StoreSettings,
         fingerprint: LayoutFingerprint,
         metrics: StoreMetrics | None = None,
+        listener: StoreListener | None = None,
     ) -> None:
         self.settings = settings
+        self._listener: StoreListener = listener if listener is not None else NullStoreListener()
         self.fingerprint = fingerprint
         self._metrics: StoreMetrics = metrics if metrics is not None else NullStoreMetrics()
         self._digest = fingerprint_digest(fingerprint)
@@ -209,7 +212,8 @@ class ChunkStore:
             self._expire_locked()
             slot, evicted = pages.reserve()
             if evicted and not self._staged:
-                self._metrics.count("evictions", Tier.L1, evicted)
+                self._metrics.count("evictions", Tier.L1, len(evicted))
+                self._listener.evicted(evicted, "l1")
             self._publish_l1()
             return None if slot is None else pages.page(slot)
 
@@ -249,6 +253,7 @@ class ChunkStore:
             if new:
                 if not self._staged:
                     self._metrics.count("written_bytes", Tier.L1, nbytes)
+                    self._listener.stored([key], "l1")
                 to_disk = self._disk is not None and not self._disk.contains(key)
                 to_remote = self._remote is not None
                 if (to_disk or to_remote) and self._started and not self._closed:
@@ -497,7 +502,8 @@ class ChunkStore:
         with self._lock:
             slot, evicted = self._l1.reserve()
             if evicted:
-                self._metrics.count("evictions", Tier.L1, evicted)
+                self._metrics.count("evictions", Tier.L1, len(evicted))
+                self._listener.evicted(evicted, "l1")
         if slot is None:
             self._metrics.count("faults", Tier.L1, reason="no_room")
             raise CacheMiss(index, "no_room", "every L1 page is pinned")
@@ -511,6 +517,7 @@ class ChunkStore:
             lease = self._leases.get(lease_id)
             self._l1.commit(slot, chunk.key, header.parent, record.token_ids, header.payload_len)
             self._metrics.count("promotions", tier)
+            self._listener.promoted([chunk.key], "l1", TIER_NAMES[tier])
             self._metrics.count("written_bytes", Tier.L1, header.payload_len)
             if tier is Tier.L3 and self._disk is not None and not self._disk.contains(chunk.key):
                 self._enqueue_locked(
@@ -740,10 +747,19 @@ class ChunkStore:
                     self._unpin_job_locked(job)
                     job.record = b""  # the pin is gone: error paths must not unpin again
                     self._publish_l1()
-        if job.to_disk and self._disk is not None:
-            self._disk.write(job.key, job.parent, job.token_ids, record)
-        if job.to_remote and self._remote is not None:
-            self._remote.put(job.key, job.parent, record)
+        if (
+            job.to_disk
+            and self._disk is not None
+            and self._disk.write(job.key, job.parent, job.token_ids, record)
+        ):
+            self._listener.stored([job.key], "l2")
+        # L3: submitted, not yet acknowledged; a failed write leaves the index stale (slower only).
+        if (
+            job.to_remote
+            and self._remote is not None
+            and self._remote.put(job.key, job.parent, record)
+        ):
+            self._listener.stored([job.key], "l3")
         with self._lock:
             self._pending -= 1
             self._idle.notify_all()
