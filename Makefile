@@ -5,6 +5,7 @@
 #   make test    the whole test suite (real vLLM on the CPU, real NIXL, real processes)
 #   make bench   every benchmark, each against its baseline in the same run (JSON in bench-results/)
 #   make lint    ruff + mypy on the package
+#   make docs    regenerate docs/configuration.md from the config schema
 #
 # Outside this build environment the CPU torch wheel comes from PyTorch's index:
 #   make setup PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
@@ -17,7 +18,7 @@ STAMP := $(VENV)/.lmcache-disagg-setup
 PACKAGE_DIRS := lmcache_disagg proxy transfer connector kernels
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench lint format clean
+.PHONY: setup demo test test-fast bench lint format docs clean
 
 setup: $(STAMP)
 
@@ -62,6 +63,9 @@ lint: setup
 format: setup
 	$(BIN)/ruff format $(PACKAGE_DIRS) tests
 	$(BIN)/ruff check --fix $(PACKAGE_DIRS) tests
+
+docs: setup
+	$(BIN)/lmcache-disagg config-reference --output docs/configuration.md
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-results
