@@ -18,11 +18,9 @@ data), a D serving another dtype, and a plain vLLM without our connector.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +31,13 @@ import pytest
 
 from lmcache_disagg import kv_params
 from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.prometheus import PrometheusServer, dashboard_queries
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
 from tests.e2e.utils import FAST_TIMEOUTS, Proxy, connector_config, start_servers
-from tests.foundation.test_compose import dashboard_queries
 
 pytestmark = pytest.mark.vllm
 
 SECRET = "operate-test-secret"
-PROMETHEUS = "/usr/bin/prometheus"
 STORE_LANDED = importlib.util.find_spec("lmcache_disagg.transfer.store") is not None
 CACHE_KEYS = {"local_cpu": True, "max_local_cpu_size": "2MiB"}
 
@@ -107,68 +104,6 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 # -- the dashboard against a real Prometheus -------------------------------------------------------
-
-
-class Prometheus:
-    """A real Prometheus on a free loopback port, scraping ``targets`` (job -> host:port) every 1s."""
-
-    def __init__(self, targets: dict[str, str], work: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = work / "prometheus.yml"
-        jobs = "".join(
-            f"  - job_name: {job}\n    static_configs: [{{targets: ['{target}']}}]\n"
-            for job, target in targets.items()
-        )
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n" + jobs
-        )
-        self._log = (work / "prometheus.log").open("wb")
-        self._process = subprocess.Popen(
-            [
-                PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.log_path = work / "prometheus.log"
-
-    def wait_ready(self, deadline_s: float = 60.0) -> None:
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            assert self._process.poll() is None, self.log_path.read_text()[-2000:]
-            try:
-                if httpx.get(self.url + "/-/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"prometheus not ready: {self.log_path.read_text()[-2000:]}")
-
-    def targets_up(self) -> bool:
-        active = httpx.get(self.url + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
-        return bool(active) and all(t["health"] == "up" for t in active)
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        reply = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10).json()
-        assert reply["status"] == "success", (expr, reply)
-        result: list[dict[str, Any]] = reply["data"]["result"]
-        return result
-
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
-        self._log.close()
-
-
-def _finite(result: list[dict[str, Any]]) -> bool:
-    return any(math.isfinite(float(sample["value"][1])) for sample in result)
 
 
 def _load(proxy_url: str, cluster: Cluster) -> None:
@@ -250,33 +185,24 @@ def test_every_dashboard_query_returns_data(cluster: Cluster, tmp_path: Path) ->
         "--prefill",
         f"127.0.0.1:{stub_port}",
     )
-    prometheus = Prometheus(
+    prometheus = PrometheusServer(
         {
             "proxy": f"127.0.0.1:{proxy.port}",
             "prefill": cluster.prefill.address,
             "decode": cluster.decode.address,
         },
-        tmp_path,
+        tmp_path / "prometheus",
+        binary="/usr/bin/prometheus",
     )
     try:
         proxy.wait_ready()
         prometheus.wait_ready()
-        deadline = time.monotonic() + 60
-        while not prometheus.targets_up():
-            assert time.monotonic() < deadline, prometheus.query("up")
-            time.sleep(0.5)
+        prometheus.wait_targets_up()
         _load(proxy.url, cluster)
         queries = dashboard_queries()
         assert len(queries) >= 25
-        pending = {expr: title for title, expr in queries}
-        answered: set[str] = set()
-        deadline = time.monotonic() + 60
-        while pending and time.monotonic() < deadline:
-            for expr in list(pending):
-                if _finite(prometheus.query(expr)):
-                    answered.add(expr)
-                    del pending[expr]
-            time.sleep(1.0)
+        # Every query polled until it has data, for at most 60 s (a few scrapes are enough).
+        answered, pending = prometheus.answered(queries, deadline_s=60)
         missing = {expr: title for expr, title in pending.items() if not _is_cache_panel(expr)}
         assert not missing, f"dashboard queries with no data: {missing}"
         cache_exprs = [expr for _, expr in queries if _is_cache_panel(expr)]

@@ -25,13 +25,13 @@ import pytest
 import yaml
 
 from lmcache_disagg.config import CONFIG_FILE_ENV, ENV_PREFIX, LMCacheDisaggConfig, load_config
+from lmcache_disagg.prometheus import dashboard_queries
 from lmcache_disagg.proxy.cli import build_parser, settings_from_args
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = REPO_ROOT / "docker"
 XPYD_ENV = DOCKER / "xpyd" / "xpyd.env"
 COMPOSE_FILES = sorted(DOCKER.glob("compose.*.yaml")) + sorted((DOCKER / "xpyd").glob("*.yaml"))
-DASHBOARD = DOCKER / "grafana" / "dashboards" / "lmcache-disagg.json"
 COMPOSE = shutil.which("docker-compose") or "/usr/bin/docker-compose"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 # What a user exports before `up` (the files refuse to start without them: `${VAR:?...}`).
@@ -188,16 +188,6 @@ def test_prometheus_configs_pass_promtool() -> None:
             [PROMTOOL, "check", "config", str(config)], capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 0, done.stdout + done.stderr
-
-
-def dashboard_queries() -> list[tuple[str, str]]:
-    """``(panel title, PromQL)`` for every target of every panel of the dashboard."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    queries = []
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            queries.append((panel["title"], target["expr"]))
-    return queries
 
 
 def metric_names(expr: str) -> set[str]:
