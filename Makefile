@@ -6,6 +6,7 @@
 #   make bench   every benchmark, each against its baseline in the same run (JSON in bench-results/)
 #   make lint    ruff + mypy on the package
 #   make docs    regenerate docs/configuration.md from the config schema
+#   make system-deps  the real servers the tests start (redis-server, prometheus) and docker-compose
 #
 # Outside this build environment the CPU torch wheel comes from PyTorch's index:
 #   make setup PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
@@ -18,9 +19,23 @@ STAMP := $(VENV)/.lmcache-disagg-setup
 PACKAGE_DIRS := lmcache_disagg proxy transfer connector kernels
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench lint format docs clean
+.PHONY: setup system-deps demo test test-fast bench lint format docs clean
 
-setup: $(STAMP)
+SYSTEM_TOOLS := redis-server redis-cli prometheus docker-compose
+SYSTEM_PACKAGES := redis-server prometheus docker-compose
+
+setup: $(STAMP) system-deps
+
+# Debian packages the tests need. As root they are installed; otherwise the exact command is printed.
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else \
+		echo "WARNING: missing:$$missing; the tests that start them need: sudo apt-get install -y $(SYSTEM_PACKAGES)"; \
+	fi
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -34,7 +34,7 @@ CACHE_KEYS = {
     "local_cpu", "max_local_cpu_size", "local_disk", "max_local_disk_size", "remote_url",
     "save_decode_cache", "save_unfull_chunk",
 }  # fmt: skip
-MAKE_TARGETS = {"setup", "demo", "test", "test-fast", "bench", "lint", "docs"}
+MAKE_TARGETS = {"setup", "system-deps", "demo", "test", "test-fast", "bench", "lint", "docs"}
 RUN_BY = {
     "make demo": "tests/foundation/test_demo.py",
     "make test": ".ci/run",
