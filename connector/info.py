@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.config import LMCacheDisaggConfig, load_config
 
-__all__ = ["LAYOUT_INFO_LABELS", "layout_labels", "model_id"]
+__all__ = ["LAYOUT_INFO_LABELS", "layout_labels", "model_id", "register_layout_info"]
 
 LAYOUT_INFO_LABELS = (
     "role",
@@ -32,6 +32,9 @@ LAYOUT_INFO_LABELS = (
 
 def model_id(vllm_config: Any) -> str:
     """The model part of the fingerprint: the served name, else the model path's last part.
+
+    The same rule as the worker's fingerprint (``connector.py``), so P's labels compare with D's
+    handshake fingerprint field by field.
 
     P and D may mount the same weights at different paths; everything that shapes the KV bytes
     (dtype, layers, heads, head dim) is in the fingerprint separately.
@@ -64,3 +67,24 @@ def layout_labels(vllm_config: Any, config: LMCacheDisaggConfig) -> dict[str, st
         "channel": config.channel,
     }
     return {name: labels[name] for name in LAYOUT_INFO_LABELS}
+
+
+def register_layout_info(
+    gauge_cls: Any,
+    vllm_config: Any,
+    labelnames: list[str],
+    per_engine_labelvalues: dict[int, list[object]],
+) -> Any:
+    """Create ``lmcache_disagg_layout_info`` with vLLM's gauge class and set it to 1 per engine."""
+    transfer_config = vllm_config.kv_transfer_config
+    extra = dict(getattr(transfer_config, "kv_connector_extra_config", None) or {})
+    info = layout_labels(vllm_config, load_config(overrides=extra))
+    gauge = gauge_cls(
+        name="lmcache_disagg_layout_info",
+        documentation="lmcache-disagg connector: 1, labelled with the role and KV layout",
+        labelnames=[*labelnames, *LAYOUT_INFO_LABELS],
+        multiprocess_mode="mostrecent",
+    )
+    for labels in per_engine_labelvalues.values():
+        gauge.labels(*labels, *info.values()).set(1)
+    return gauge

@@ -18,7 +18,6 @@ and calls :class:`LMCacheDisaggPromMetrics.observe` there, which updates the Pro
 ``lmcache_disagg_send_pages_used``          P staging pages in flight (gauge; drains to 0)
 ``lmcache_disagg_pending_loads``            D loads not yet settled (gauge)
 ``lmcache_disagg_pending_pushes``           P pushes not yet settled, incl. held blocks (gauge)
-``lmcache_disagg_layout_info{role,..}``     1, from start-up: role and KV layout (``info.py``)
 ==========================================  =======================================================
 
 Payload keys: ``c:<name>[:<reason>]`` counters (summed), ``g:<name>`` gauges (summed over ranks;
@@ -40,8 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
-from lmcache_disagg.config import load_config
-from lmcache_disagg.connector.info import LAYOUT_INFO_LABELS, layout_labels
+from lmcache_disagg.connector.info import register_layout_info
 
 __all__ = ["COUNTERS", "GAUGES", "LMCacheDisaggPromMetrics", "LMCacheDisaggStats", "StatsRecorder"]
 
@@ -154,6 +152,10 @@ class LMCacheDisaggPromMetrics(KVConnectorPromMetrics):
         counter_cls: Any = self._counter_cls
         gauge_cls: Any = self._gauge_cls
         histogram_cls: Any = self._histogram_cls
+        # From start-up on, /metrics shows our role and layout (``lmcache-disagg check`` reads it).
+        self._layout_info = register_layout_info(
+            gauge_cls, vllm_config, labelnames, per_engine_labelvalues
+        )
         self._counters: dict[str, Any] = {
             name: counter_cls(
                 name=PREFIX + name,
@@ -188,18 +190,6 @@ class LMCacheDisaggPromMetrics(KVConnectorPromMetrics):
             )
             for name, buckets in HISTOGRAMS.items()
         }
-        # Set once: a worker's /metrics shows our connector's role and layout before any request.
-        transfer_config = vllm_config.kv_transfer_config
-        extra = dict(getattr(transfer_config, "kv_connector_extra_config", None) or {})
-        info = layout_labels(vllm_config, load_config(overrides=extra))
-        self._layout_info: Any = gauge_cls(
-            name=PREFIX + "layout_info",
-            documentation="lmcache-disagg connector: 1, labelled with the role and KV layout",
-            labelnames=[*labelnames, *LAYOUT_INFO_LABELS],
-            multiprocess_mode="mostrecent",
-        )
-        for labels in per_engine_labelvalues.values():
-            self._layout_info.labels(*labels, *info.values()).set(1)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues.get(engine_idx)
