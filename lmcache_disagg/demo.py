@@ -22,16 +22,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from lmcache_disagg.check import check
-from lmcache_disagg.config import load_config
-from lmcache_disagg.prometheus import PrometheusServer, dashboard_queries
 from lmcache_disagg.proxy.cluster import Proc, start_proxy, wait_http
 from lmcache_disagg.tiny_model import TinyModelSpec, build_tiny_model
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
+
+if TYPE_CHECKING:
+    from lmcache_disagg.prometheus import PrometheusServer
 
 __all__ = ["main"]
 
@@ -166,6 +166,9 @@ def run_single(model_dir: Path, work: Path) -> int:
 
 
 def _print_check(prefill: VLLMServer, decode: str) -> int:
+    from lmcache_disagg.check import check
+    from lmcache_disagg.config import load_config
+
     table, problems = check(load_config(environ={}), [prefill.address], [decode])
     print("\n[lmcache-disagg check]\n" + table)
     for problem in problems:
@@ -176,6 +179,8 @@ def _print_check(prefill: VLLMServer, decode: str) -> int:
 
 
 def _print_dashboard(prometheus: PrometheusServer) -> None:
+    from lmcache_disagg.prometheus import dashboard_queries
+
     queries = dashboard_queries()
     answered, pending = prometheus.answered(queries, deadline_s=10)
     print(
@@ -218,6 +223,8 @@ def run_pd(model_dir: Path, work: Path, with_prometheus: bool = False) -> int:
         wait_http(proxy_url + "/ready", timeout=60, proc=proxy)
         print(f"P {prefill.url}  D {decode.url} (KV 127.0.0.1:{kv_port})  proxy {proxy_url}")
         if with_prometheus:
+            from lmcache_disagg.prometheus import PrometheusServer
+
             targets = {"proxy": f"127.0.0.1:{proxy_port}", "prefill": prefill.address}
             targets["decode"] = decode.address
             prometheus = PrometheusServer(targets, work / "prometheus").wait_ready()
