@@ -39,6 +39,12 @@ pytestmark = pytest.mark.vllm
 
 SECRET = "operate-test-secret"
 STORE_LANDED = importlib.util.find_spec("lmcache_disagg.transfer.store") is not None
+# The stub worker lives with the bench tooling after the proxy's FastAPI rewrite.
+STUB_WORKER = next(
+    name
+    for name in ("lmcache_disagg.bench.stub_worker", "lmcache_disagg.proxy.stub_worker")
+    if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name)
+)
 CACHE_KEYS = {"local_cpu": True, "max_local_cpu_size": "2MiB"}
 
 
@@ -172,7 +178,7 @@ def test_every_dashboard_query_returns_data(cluster: Cluster, tmp_path: Path) ->
     stub_log = (tmp_path / "stub.log").open("wb")
     stub = subprocess.Popen(
         [
-            sys.executable, "-m", "lmcache_disagg.proxy.stub_worker", "--port", str(stub_port),
+            sys.executable, "-m", STUB_WORKER, "--port", str(stub_port),
             "--role", "prefill", "--fault", "500", "--model", cluster.model,
         ],
         stdout=stub_log,
