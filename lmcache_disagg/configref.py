@@ -66,14 +66,29 @@ DESCRIPTIONS = {
 _SIZE_SUFFIXES = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
 
-def _validator_kind(info: FieldInfo) -> str | None:
-    for item in info.metadata:
+def _kind_of(metadata: Any) -> str | None:
+    """``size``, ``GB size`` or ``duration`` when a validator parses the value, else None."""
+    for item in metadata:
         func = getattr(item, "func", None)
         if func is parse_size:
             return "size"
         if func is parse_duration:
             return "duration"
+        if getattr(func, "__name__", "") == "parse_gb_size":
+            return "GB size"
     return None
+
+
+def _validator_kind(info: FieldInfo) -> str | None:
+    kind = _kind_of(info.metadata)
+    if kind is None:  # ``Seconds | None``: the validator sits inside the union
+        for arg in typing.get_args(info.annotation):
+            if typing.get_origin(arg) is typing.Annotated:
+                kind = _kind_of(arg.__metadata__)
+                if kind is not None:
+                    optional = type(None) in typing.get_args(info.annotation)
+                    return kind + (" or null" if optional else "")
+    return kind
 
 
 def _type_name(annotation: Any) -> str:
@@ -107,7 +122,9 @@ def _default_text(info: FieldInfo, kind: str | None) -> str:
         return "null"
     if kind == "size" and isinstance(value, int):
         return f"`{_size_text(value)}`"
-    if kind == "duration" and isinstance(value, int | float):
+    if kind == "GB size" and isinstance(value, int | float):
+        return f"`{value:g}` (GB)"
+    if kind and kind.startswith("duration") and isinstance(value, int | float):
         return f"`{value:g}s`"
     if isinstance(value, tuple):
         return "`[]`" if not value else "`[" + ", ".join(str(v) for v in value) + "]`"
@@ -132,7 +149,8 @@ def render() -> str:
         f"YAML file named by `{CONFIG_FILE_ENV}` (or `--config FILE`), vLLM's",
         f"`kv_connector_extra_config` (workers), then environment variables `{ENV_PREFIX}<KEY>`.",
         "Unknown keys and bad values are errors naming the key. Sizes accept `2GiB`, `512MiB`,",
-        "`1e9` (bytes); durations accept `500ms`, `5s`, `2m` or a number of seconds. Lists come",
+        "`1e9` (bytes); a *GB size* is LMCache's rule: a bare number is GB (x 1024**3), `4GiB`",
+        "works too. Durations accept `500ms`, `5s`, `2m` or a number of seconds. Lists come",
         "from the environment as YAML (`[UCX, GDS]`) or comma-separated (`UCX,GDS`).",
         "",
         "| key | type | default | environment | LMCache | description |",
