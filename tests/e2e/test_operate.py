@@ -162,6 +162,11 @@ def _load(proxy_url: str, cluster: Cluster) -> None:
             },
         }
         assert client.post(cluster.decode.url + "/v1/completions", json=to_d).status_code == 200
+        # Distinct long prompts: more chunks than the small L1 holds, so it evicts.
+        for i in range(4):
+            prompt = " ".join(f"w{i}x{j}" for j in range(400))
+            body = {"model": model, "prompt": prompt, "max_tokens": 2}
+            assert client.post(proxy_url + "/v1/completions", json=body).status_code == 200
         # The same prompts again: the cache (where it exists) hits.
         for i in range(4):
             prompt = " ".join(f"word{j % 53}" for j in range(40 + 60 * (i % 4)))

@@ -207,7 +207,7 @@ def test_dashboard_is_provisioned_and_parses(tmp_path: Path) -> None:
     for needle in (
         "Request rate", "Errors by status", "TTFT", "End-to-end", "Prefill leg", "Retries",
         "fallbacks by reason", "Breaker", "KV transfer (GB/s)", "Transfer failures",
-        "Pool occupancy D", "Pool occupancy P", "loaded vs recomputed", "hit rate per tier",
+        "Pool occupancy D", "Pool occupancy P", "recomputed on D", "hit rate per tier",
         "Tier occupancy", "Evictions", "vLLM",
     ):  # fmt: skip
         assert needle in titles, f"the dashboard has no {needle!r} panel"
@@ -244,6 +244,7 @@ def _exported_names() -> set[str]:
             "hits", "misses", "hit_tokens", "read_bytes", "written_bytes", "evictions",
             "promotions", "faults", "store_seconds", "load_seconds", "used_bytes",
             "capacity_bytes", "chunks", "pinned_chunks",
+            "tokens_loaded",  # the connector's: prompt tokens loaded from the store
         )
     }  # fmt: skip
     import vllm.v1.metrics.loggers as loggers
