@@ -75,7 +75,12 @@ def register_layout_info(
     labelnames: list[str],
     per_engine_labelvalues: dict[int, list[object]],
 ) -> Any:
-    """Create ``lmcache_disagg_layout_info`` with vLLM's gauge class and set it to 1 per engine."""
+    """Create ``lmcache_disagg_layout_info`` with vLLM's gauge class and set it to 1 per engine.
+
+    None (nothing registered) for a config without a model, as unit tests build it.
+    """
+    if getattr(vllm_config, "model_config", None) is None:
+        return None
     transfer_config = vllm_config.kv_transfer_config
     extra = dict(getattr(transfer_config, "kv_connector_extra_config", None) or {})
     info = layout_labels(vllm_config, load_config(overrides=extra))
