@@ -10,7 +10,8 @@ data), a D serving another dtype, and a plain vLLM without our connector.
   through ``/api/v1/query`` and must return at least one finite sample before a deadline. A panel
   that names a metric nobody exports never does, and fails. The tiered-cache panels need the store
   (``lmcache_disagg.transfer.store``): until it is in the tree nobody exports them, and the test
-  asserts exactly that; once it is, they must return data like every other panel.
+  asserts exactly that; once it is (with the connector exporting its series), they must return data
+  like every other panel.
 * ``check``: the healthy cluster exits 0; a wrong KV port, a fingerprint mismatch (another dtype),
   a missing connector and a bad cluster secret each exit 1 with the right ``problem:`` line.
 """
@@ -38,7 +39,18 @@ from tests.e2e.utils import FAST_TIMEOUTS, Proxy, connector_config, start_server
 pytestmark = pytest.mark.vllm
 
 SECRET = "operate-test-secret"
-STORE_LANDED = importlib.util.find_spec("lmcache_disagg.transfer.store") is not None
+
+
+def _cache_exported() -> bool:
+    """The store is in the tree and the connector exports its series (``STORE_SERIES``)."""
+    if importlib.util.find_spec("lmcache_disagg.transfer.store") is None:
+        return False
+    from lmcache_disagg.connector import stats
+
+    return hasattr(stats, "STORE_SERIES")
+
+
+STORE_LANDED = _cache_exported()
 # The stub worker lives with the bench tooling after the proxy's FastAPI rewrite.
 STUB_WORKER = next(
     name
