@@ -21,8 +21,8 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo test test-fast bench lint format docs clean
 
-SYSTEM_TOOLS := redis-server redis-cli prometheus docker-compose
-SYSTEM_PACKAGES := redis-server prometheus docker-compose
+SYSTEM_TOOLS := redis-server redis-cli prometheus docker-compose openssl
+SYSTEM_PACKAGES := redis-server prometheus docker-compose openssl
 
 setup: $(STAMP) system-deps
 

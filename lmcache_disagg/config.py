@@ -34,6 +34,7 @@ __all__ = [
     "http_address",
     "load_config",
     "parse_duration",
+    "parse_gb_size",
     "parse_size",
     "split_host_port",
 ]
@@ -98,7 +99,65 @@ def parse_duration(value: object) -> float:
     return number * _DURATION_UNITS[unit]
 
 
+def parse_gb_size(value: object) -> int:
+    """LMCache's size rule for the cache tiers: a bare number is GB as LMCache means it
+    (x 1024**3, so ``2`` and ``"2"`` -> 2 GiB, ``0.5`` -> 512 MiB); a value with a unit
+    (``"4GiB"``, ``"512MiB"``, ``"1e9B"``) is parsed by :func:`parse_size`."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 4 (GB) or 4GiB, got {value!r}")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif (
+        isinstance(value, str) and (match := _NUMBER_WITH_UNIT.match(value)) and not match.group(2)
+    ):
+        number = float(match.group(1))
+    else:
+        return parse_size(value)
+    if number < 0:
+        raise ValueError(f"size must not be negative, got {value!r}")
+    return int(number * 1024**3)
+
+
+_REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
+
+
+def _local_disk_path(value: object) -> str | None:
+    """``file:///path`` or a plain path -> the path; None / "" -> None (no disk tier)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path or file:///path, got {value!r}")
+    text = value.strip()
+    if not text:
+        return None
+    if text.lower().startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        raise ValueError(f"local_disk must be a path or file:///path, got {value!r}")
+    if not text:
+        raise ValueError(f"local_disk has no path: {value!r}")
+    return text
+
+
+def _remote_url(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a redis:// URL, got {value!r}")
+    text = value.strip()
+    if not text:
+        return None
+    scheme = text.partition("://")[0].lower()
+    if "://" not in text or scheme not in _REMOTE_SCHEMES:
+        raise ValueError(
+            f"remote_url must start with one of {', '.join(s + '://' for s in _REMOTE_SCHEMES)};"
+            f" got {value!r}"
+        )
+    return text
+
+
 Size = Annotated[int, BeforeValidator(parse_size)]
+GBSize = Annotated[int, BeforeValidator(parse_gb_size)]
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
 
@@ -153,6 +212,48 @@ class LMCacheDisaggConfig(BaseModel):
 
     # -- layout and cache ---------------------------------------------------------------------
     chunk_size: int = Field(default=256, ge=1, le=65536, description="tokens per KV chunk")
+
+    # -- tiered chunk store (LMCache's names and meanings first) -------------------------------
+    local_cpu: bool = Field(default=True, description="L1: keep chunks in CPU RAM")
+    # Defaults are validated like user input (validate_default): 1.0 means 1 GB as LMCache says.
+    max_local_cpu_size: GBSize = Field(
+        default=1.0,  # type: ignore[assignment]
+        description="L1 bytes; a bare number is GB (x 1024**3)",
+    )
+    local_disk: Annotated[str | None, BeforeValidator(_local_disk_path)] = Field(
+        default=None, description="L2 directory (path or file:///path); None = no disk tier"
+    )
+    max_local_disk_size: GBSize = Field(
+        default=10.0,  # type: ignore[assignment]
+        description="L2 bytes for the whole directory (all files, all TP ranks of the host); "
+        "a bare number is GB",
+    )
+    remote_url: Annotated[str | None, BeforeValidator(_remote_url)] = Field(
+        default=None,
+        description="L3 Redis/Valkey: redis://, rediss://, valkey://, valkeys://, "
+        "redis+cluster://; None = no remote tier",
+    )
+    save_decode_cache: bool = Field(
+        default=False, description="also store the chunks that decode completes"
+    )
+    save_unfull_chunk: bool = Field(
+        default=True, description="store the partial last chunk of a prompt too"
+    )
+    local_disk_fsync: Literal["never", "always"] = Field(
+        default="never", description="fsync each L2 file before it is renamed into place"
+    )
+    remote_timeout: Seconds = Field(default=0.5, description="deadline of every L3 call")
+    remote_max_connections: int = Field(
+        default=16, ge=1, le=4096, description="L3 connection pool bound"
+    )
+    remote_ttl: Seconds | None = Field(default=None, description="L3 key TTL; None = no expiry")
+    remote_cluster: bool = Field(default=False, description="remote_url is a Redis Cluster")
+    cache_lease_ttl: Seconds = Field(
+        default=30.0, description="a lookup's pins expire after this if never released"
+    )
+    cache_write_queue: int = Field(
+        default=256, ge=1, le=1 << 20, description="chunks queued for lower-tier writes"
+    )
 
     # -- transfer -----------------------------------------------------------------------------
     channel: Literal["auto", "nixl", "tcp"] = "auto"
