@@ -26,12 +26,12 @@ from typing import Protocol
 import torch
 
 from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.connector.checksum import log_checksum
 from lmcache_disagg.connector.device import Completion, CopyEngine
 from lmcache_disagg.connector.keys import chain_root, chunk_keys, chunk_spans
 from lmcache_disagg.connector.kvcache import WorkerKV
 from lmcache_disagg.connector.logonce import LogOnce
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata, LoadSpec
-from lmcache_disagg.connector.pusher import log_checksum
 from lmcache_disagg.connector.stats import StatsRecorder
 from lmcache_disagg.kernels import chunk_view, gather, scatter
 from lmcache_disagg.transfer.errors import TransferError

@@ -20,6 +20,7 @@ cancellation).
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -29,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import xxhash
 
 from lmcache_disagg.config import LMCacheDisaggConfig
+from lmcache_disagg.connector.checksum import log_checksum
 from lmcache_disagg.connector.device import Completion, CopyEngine
 from lmcache_disagg.connector.keys import chain_root, chunk_keys, chunk_spans
 from lmcache_disagg.connector.kvcache import WorkerKV, target_for_rank
@@ -43,25 +44,12 @@ from lmcache_disagg.transfer.errors import DeadlineExceeded, TransferError
 from lmcache_disagg.transfer.pool import SendPage
 from lmcache_disagg.transfer.state import PushState, PushStatus
 
-__all__ = ["MAX_PENDING_OPENS", "Pusher", "SenderLike", "log_checksum"]
+__all__ = ["MAX_PENDING_OPENS", "Pusher", "SenderLike"]
 
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_OPENS = 4096
 _OPEN_POLL = 0.1
-
-
-def log_checksum(side: str, transfer_id: str, index: int, data: torch.Tensor) -> None:
-    """One greppable line per chunk so tests can compare P's gathered and D's loaded bytes."""
-    digest = xxhash.xxh3_64_hexdigest(data.cpu().contiguous().numpy().tobytes())
-    logger.info(
-        "lmcache-disagg kv-checksum side=%s transfer=%s chunk=%d bytes=%d xxh3=%s",
-        side,
-        transfer_id,
-        index,
-        data.numel(),
-        digest,
-    )
 
 
 class HandleLike(Protocol):
@@ -83,7 +71,7 @@ class SenderLike(Protocol):
 
     def acquire_page(self, timeout: float) -> SendPage: ...
 
-    def _release_page(self, page: SendPage) -> None: ...
+    def release_page(self, page: SendPage) -> None: ...
 
 
 @dataclass(eq=False)
@@ -96,6 +84,21 @@ class _Staged:
     keep: torch.Tensor | None = None
 
 
+class PushPhase(enum.Enum):
+    """Where a push is in its life. A failure (``_Push.failed``) can happen in any phase."""
+
+    OPENING = "OPENING"
+    """Queued for the opener thread (handshake + reservation)."""
+    OPEN = "OPEN"
+    """The opener is done (``handle`` or ``open_error`` set): gathering and writing chunks."""
+    SEALED = "SEALED"
+    """Every chunk was handed over and ``finish()`` called: waiting for D's verdict."""
+    SETTLED = "SETTLED"
+    """D acknowledged every chunk and the outcome was recorded."""
+    CANCELLED = "CANCELLED"
+    """The scheduler aborted the request (or the pusher shut down)."""
+
+
 @dataclass(eq=False)
 class _Push:
     req_id: str
@@ -105,10 +108,10 @@ class _Push:
     spans: list[tuple[int, int]]
     deadline: float
     started: float
-    # Set by the opener thread (under Pusher._lock).
+    # Set by the opener thread (under Pusher._lock), as is the OPENING -> OPEN transition.
     handle: HandleLike | None = None
     open_error: str | None = None
-    open_done: bool = False
+    phase: PushPhase = PushPhase.OPENING
     # Engine thread only.
     block_ids: list[int] = field(default_factory=list)
     ready_end: int = 0
@@ -117,11 +120,9 @@ class _Push:
     written: int = 0
     bytes: int = 0
     first_write: float = 0.0
-    finish_called: bool = False
     finished_requested: bool = False
-    cancelled: bool = False
+    """The scheduler handed the request's blocks over (``push_finished``)."""
     failed: str | None = None
-    outcome_recorded: bool = False
 
     @property
     def n_chunks(self) -> int:
@@ -248,7 +249,7 @@ class Pusher:
             self._opens.put_nowait(push)
         except queue.Full:
             push.failed = "open_queue_full"
-            push.open_done = True
+            push.phase = PushPhase.OPEN
             self._fail_count("open_queue_full", "too many pushes waiting for a reservation")
 
     def _progress(self, progress: PushProgress) -> None:
@@ -278,8 +279,9 @@ class Pusher:
             with self._lock:
                 push.handle = handle
                 push.open_error = error
-                push.open_done = True
-                cancelled = push.cancelled
+                if push.phase is PushPhase.OPENING:
+                    push.phase = PushPhase.OPEN
+                cancelled = push.phase is PushPhase.CANCELLED
             if handle is not None and cancelled:
                 handle.cancel()
             if error is not None:
@@ -287,7 +289,7 @@ class Pusher:
 
     def _pump(self, push: _Push) -> None:
         with self._lock:
-            if not push.open_done or push.cancelled:
+            if push.phase in (PushPhase.OPENING, PushPhase.CANCELLED):
                 return
             handle, error = push.handle, push.open_error
         if error is not None:
@@ -315,8 +317,8 @@ class Pusher:
             if not self._write_ready(push, handle):
                 return
         # Everything handed over: seal the push so D can verify and complete it.
-        if not push.finish_called and push.written == push.n_chunks and not push.staged:
-            push.finish_called = True
+        if push.phase is PushPhase.OPEN and push.written == push.n_chunks and not push.staged:
+            push.phase = PushPhase.SEALED
             try:
                 handle.finish()
             except (TransferError, ValueError) as exc:
@@ -372,7 +374,7 @@ class Pusher:
 
                 completion = self._copy.submit(copy)
         except Exception as exc:  # a layout bug must not take P down: fail this push only
-            self._sender._release_page(page)
+            self._sender.release_page(page)
             self._mark_failed(push, "gather_error", repr(exc))
             return None
         nbytes = kv.layout.chunk_bytes(len(kv.caches), num_tokens)
@@ -381,7 +383,8 @@ class Pusher:
     def _settled(self, push: _Push, now: float) -> bool:
         """Nothing more will read this push's blocks or pages (and its outcome is recorded)."""
         status = PushStatus(PushState.PENDING)
-        if push.failed is None and push.finish_called and push.handle is not None:
+        sealed = push.phase in (PushPhase.SEALED, PushPhase.SETTLED)
+        if push.failed is None and sealed and push.handle is not None:
             status = push.handle.status()
         if status.state is PushState.PENDING and push.failed is None and now > push.deadline:
             self._mark_failed(push, "deadline", f"push {push.transfer_id} passed push_deadline")
@@ -393,8 +396,8 @@ class Pusher:
         if status.state is PushState.FAILED:
             self._mark_failed(push, status.reason or "push_failed", f"D refused: {status.reason}")
             return True
-        if not push.outcome_recorded:
-            push.outcome_recorded = True
+        if push.phase is PushPhase.SEALED:
+            push.phase = PushPhase.SETTLED
             elapsed = max(time.monotonic() - (push.first_write or push.started), 1e-6)
             self._stats.count("pushes")
             self._stats.count("bytes_sent", push.bytes)
@@ -418,11 +421,11 @@ class Pusher:
             staged = push.staged.popleft()
             # The gather may still be writing the page on a GPU: wait before reusing it.
             staged.completion.wait()
-            self._sender._release_page(staged.page)
+            self._sender.release_page(staged.page)
 
     def _cancel(self, push: _Push, reason: str) -> None:
         with self._lock:
-            push.cancelled = True
+            push.phase = PushPhase.CANCELLED
             handle = push.handle
         for staged in push.staged:
             self._copy.fence_compute(staged.completion)

@@ -125,17 +125,17 @@ class ConnectorWorker:
                     copy_engine,
                     self.stats,
                     self.log,
-                    extend_ttl=receiver.pool.extend,
+                    extend_ttl=receiver.extend,
                 )
                 self.loader.verify = _verify_kv()
-                self.stats.gauge("pool_pages_total", receiver.pool.n_pages)
+                self.stats.gauge("pool_pages_total", receiver.n_pages)
                 logger.info(
                     "lmcache-disagg D rank %d: KV endpoint %s (%s), %d pool pages of %d bytes",
                     self.tp_rank,
                     receiver.endpoint,
                     receiver.channel_kind,
-                    receiver.pool.n_pages,
-                    receiver.pool.page_bytes,
+                    receiver.n_pages,
+                    receiver.page_bytes,
                 )
             if self.is_producer:
                 sender = KVSender(self.config, kv.fingerprint)
@@ -191,7 +191,7 @@ class ConnectorWorker:
             recving |= done
             failed |= bad
         if self.sender is not None:
-            self.stats.gauge("send_pages_used", self.sender.send_pool.in_use())
+            self.stats.gauge("send_pages_used", self.sender.pages_in_use())
         return sending, recving, failed
 
     def take_stats(self) -> LMCacheDisaggStats | None:

@@ -18,15 +18,12 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from lmcache_disagg.bench import BENCH_MODULES
+
 __all__ = ["main"]
 
-# bench target -> module exposing ``main(argv: list[str]) -> int``
-BENCHES = {
-    "transfer": "lmcache_disagg.transfer.bench",
-    "proxy": "lmcache_disagg.proxy.bench",
-    "kernels": "lmcache_disagg.kernels.bench",
-    "e2e": "lmcache_disagg.bench_e2e",
-}
+# bench target -> module exposing ``main(argv: list[str]) -> int`` (see lmcache_disagg.bench)
+BENCHES = BENCH_MODULES
 COMMANDS = {
     "demo": "lmcache_disagg.demo",
     "make-tiny-model": "lmcache_disagg.tiny_model",

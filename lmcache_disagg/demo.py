@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from lmcache_disagg.proxy.cluster import Proc, start_proxy, wait_http
+from lmcache_disagg.bench.cluster import Proc, start_proxy, wait_http
 from lmcache_disagg.tiny_model import TinyModelSpec, build_tiny_model
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
 

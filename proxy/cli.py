@@ -10,33 +10,29 @@ Workers::
 Keys come from flags or, preferably (flags show up in ``ps``), from the environment:
 ``LMCACHE_PROXY_API_KEY``, ``LMCACHE_PROXY_ADMIN_KEY``, ``LMCACHE_PROXY_WORKER_KEY``.
 
-``--workers N`` runs N processes sharing the port through ``SO_REUSEPORT``. Each has its own
-upstream pool, health checks, concurrency limit and metrics (``/metrics`` shows the process that
-answered). ``/workers`` changes reach every process within one health interval through a shared
-state file (see ``sharedstate.py``).
+The app (``lmcache_disagg.proxy.app:create_app``) is served on uvicorn (server.py).
+``--workers N`` runs N uvicorn worker processes on one listening socket. Each has its own upstream
+session, health checks and concurrency limit; ``/metrics`` on any of them merges all of them, and
+``/workers`` changes reach every process within one health interval through a shared state file
+(see ``sharedstate.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Sequence
 
 from lmcache_disagg.config import load_config
 from lmcache_disagg.errors import ConfigError
-from lmcache_disagg.proxy.app import ProxyApp
-from lmcache_disagg.proxy.httpserver import ServerLimits, make_listen_socket, serve
 from lmcache_disagg.proxy.settings import POLICIES, ProxySettings, Timeouts, parse_worker_spec
 
-__all__ = ["build_parser", "main", "run", "settings_from_args"]
+__all__ = ["build_parser", "main", "settings_from_args"]
 
 _log = logging.getLogger("lmcache_disagg.proxy")
 
@@ -120,7 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a D retry, prefill again pushing to the new D (default: D prefills)",
     )
     p.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="request body bytes")
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may take to send a request body (408 after)",
+    )
+    p.add_argument(
+        "--write-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a write may wait for a client that does not read (dropped after)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may take to send a request's headers (408 after)",
+    )
+    p.add_argument(
+        "--max-header-bytes", type=int, default=64 * 1024, help="request line plus headers"
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=75.0,
+        help="seconds an idle client connection is kept",
+    )
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    p.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes sharing the port"
+    )
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -192,6 +218,12 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         breaker_threshold=args.breaker_threshold,
         breaker_cooldown=args.breaker_cooldown,
         max_body=args.max_body,
+        body_timeout=args.body_timeout,
+        write_timeout=args.write_timeout,
+        header_timeout=args.header_timeout,
+        max_header_bytes=args.max_header_bytes,
+        keep_alive_timeout=args.keep_alive_timeout,
+        docs=args.docs,
         # The access log is INFO-level: --log-level warning (or higher) turns it off too.
         access_log=not args.no_access_log and _level(args.log_level) <= logging.INFO,
         shutdown_grace=args.shutdown_grace,
@@ -201,33 +233,6 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         or None,
         workers=args.workers,
     )
-
-
-async def _serve_process(settings: ProxySettings, reuse_port: bool) -> None:
-    try:
-        sock = make_listen_socket(settings.host, settings.port, reuse_port=reuse_port)
-    except (OSError, OverflowError) as exc:
-        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
-    app = ProxyApp(settings)
-    await app.start()
-    server = await serve(app.handle, sock, ServerLimits(max_body=settings.max_body))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    _log.info(
-        "lmcache-disagg-proxy pid %d listening on %s:%d (%d prefill, %d decode, policy %s)",
-        os.getpid(), settings.host, sock.getsockname()[1], len(settings.prefill),
-        len(settings.decode), settings.policy,
-    )  # fmt: skip
-    try:
-        await stop.wait()
-    finally:
-        server.close()  # stop accepting; let requests in flight finish within the grace period
-        deadline = loop.time() + settings.shutdown_grace
-        while app.inflight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        await app.stop()
 
 
 def _level(name: str) -> int:
@@ -248,68 +253,33 @@ def _config_failure(exc: ConfigError) -> int:
     return 2
 
 
-def _child(settings: ProxySettings, level: str) -> None:
-    from prometheus_client import multiprocess
-
-    _setup_logging(level)
-    try:
-        run(settings, reuse_port=True)
-    except ConfigError as exc:
-        sys.exit(_config_failure(exc))
-    finally:
-        if settings.metrics_dir is not None:
-            # Drop this process's live gauges (in-flight, breaker, health) from the merge.
-            multiprocess.mark_process_dead(os.getpid(), settings.metrics_dir)
-
-
-def run(settings: ProxySettings, reuse_port: bool = False) -> None:
-    """Serve in this process until SIGINT/SIGTERM."""
-    import uvloop
-
-    uvloop.run(_serve_process(settings, reuse_port))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from lmcache_disagg.proxy.server import run
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    state_dir: str | None = None
     try:
         settings = settings_from_args(args)
-        if settings.workers == 1:
-            run(settings)
-            return 0
+        if settings.workers > 1:
+            state_dir = tempfile.mkdtemp(prefix="lmcache-proxy-")
+            metrics_dir = os.path.join(state_dir, "metrics")
+            os.mkdir(metrics_dir)
+            # prometheus_client picks its value storage when it is imported, so the spawned
+            # workers must inherit this before they import it.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            settings = dataclasses.replace(
+                settings,
+                state_file=os.path.join(state_dir, "workers.json"),
+                metrics_dir=metrics_dir,
+            )
+        run(settings, args.log_level)
     except ConfigError as exc:
         return _config_failure(exc)
-    state_dir = tempfile.mkdtemp(prefix="lmcache-proxy-")
-    metrics_dir = os.path.join(state_dir, "metrics")
-    os.mkdir(metrics_dir)
-    # prometheus_client picks its value storage when it is imported, so the spawned children
-    # must inherit this before they import it.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    settings = dataclasses.replace(
-        settings, state_file=os.path.join(state_dir, "workers.json"), metrics_dir=metrics_dir
-    )
-    ctx = multiprocessing.get_context("spawn")
-    children = [
-        ctx.Process(target=_child, args=(settings, args.log_level), name=f"proxy-{i}")
-        for i in range(settings.workers)
-    ]
-    for child in children:
-        child.start()
-
-    def _forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, _forward)
-    signal.signal(signal.SIGINT, _forward)
-    for child in children:
-        child.join()
-    shutil.rmtree(state_dir, ignore_errors=True)
-    codes = [child.exitcode for child in children]
-    if all(code == 0 for code in codes):
-        return 0
-    return 2 if 2 in codes else 1
+    finally:
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

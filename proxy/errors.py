@@ -35,6 +35,11 @@ class ProxyError(LMCacheDisaggError):
     status = 500
     error_type = "internal_error"
 
+    @property
+    def public_message(self) -> str:
+        """The message a client may see: never a worker address or an exception repr."""
+        return str(self)
+
 
 class ClientRequestError(ProxyError):
     """The client's request is invalid; ``status`` is a 4xx, ``param`` names the bad field."""
@@ -67,9 +72,14 @@ class UpstreamStatusError(ProxyError):
         self.status = upstream_status if 400 <= upstream_status < 500 else 502
 
     @property
+    def public_message(self) -> str:
+        return f"a worker answered HTTP {self.upstream_status}"
+
+    @property
     def retryable(self) -> bool:
-        """5xx, 408 and 429 may succeed on another worker; other 4xx are the client's fault."""
-        return self.upstream_status >= 500 or self.upstream_status in (408, 429)
+        """Anything but a 4xx may succeed on another worker; 408 and 429 too. Other 4xx are the
+        client's fault. (Only a 200 is a success: 1xx, other 2xx and 3xx answers are failures.)"""
+        return not 400 <= self.upstream_status < 500 or self.upstream_status in (408, 429)
 
 
 class UpstreamError(ProxyError):
@@ -78,15 +88,22 @@ class UpstreamError(ProxyError):
     status = 502
     error_type = "upstream_error"
 
+    public = "a worker failed"
+
     def __init__(self, worker: str, message: str) -> None:
         super().__init__(f"worker {worker}: {message}")
         self.worker = worker
+
+    @property
+    def public_message(self) -> str:
+        return self.public
 
 
 class UpstreamUnavailable(UpstreamError):
     """Connection refused, reset or closed early."""
 
     status = 502
+    public = "a worker closed or refused the connection"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -94,3 +111,4 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     error_type = "timeout"
+    public = "a worker did not answer in time"

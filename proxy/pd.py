@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,6 @@ from lmcache_disagg.proxy.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from lmcache_disagg.proxy.httpserver import Responder
 from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.routing import Router
 from lmcache_disagg.proxy.settings import ProxySettings
@@ -41,18 +41,45 @@ from lmcache_disagg.proxy.usage import SSEUsagePatcher, patch_json_body
 from lmcache_disagg.proxy.validation import is_batch_prompt
 from lmcache_disagg.proxy.workers import Worker
 
-__all__ = ["PDFlow", "RequestContext", "error_body"]
+__all__ = ["PDFlow", "Reply", "RequestContext", "error_body"]
 
 # P samples one token that is thrown away, so nothing about sampling matters on P. ``seed`` is
 # dropped too: vLLM 0.32's CPU engine crashes on seeded sampling with chunked prefill.
 _PREFILL_DROP = ("stream_options", "min_tokens", "seed")
 
 
-def error_body(message: str, error_type: str, code: int, param: str | None = None) -> bytes:
-    """An OpenAI-style error object."""
-    return orjson.dumps(
-        {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    )
+def error_body(
+    message: str,
+    error_type: str,
+    code: int,
+    param: str | None = None,
+    request_id: str | None = None,
+) -> bytes:
+    """An OpenAI-style error object (plus the request id, so a client can quote it)."""
+    error: dict[str, Any] = {"message": message, "type": error_type, "param": param, "code": code}
+    if request_id is not None:
+        error["request_id"] = request_id
+    return orjson.dumps({"error": error})
+
+
+JSON = b"application/json"
+EVENT_STREAM = b"text/event-stream"
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the flow answers: a status, headers and either a whole body or a stream of chunks.
+
+    The server adapter sends it. When ``stream`` is set it must be iterated to its end or closed
+    with ``aclose()`` (that releases the upstream connection); ``body`` is then unused.
+    """
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    content_type: bytes = JSON
+    stream: AsyncGenerator[bytes, None] | None = None
+    release: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -97,12 +124,11 @@ class PDFlow:
         self._m = metrics
         # Workers are few and long-lived; a removed worker's gauge entry stays (bounded by adds).
         self._inflight_gauges: dict[Worker, Any] = {}
-        self._headers_base = b"content-type: application/json\r\n"
-        if settings.worker_key:
-            self._headers_base += f"authorization: Bearer {settings.worker_key}\r\n".encode()
 
-    def _headers(self, ctx: RequestContext) -> bytes:
-        return self._headers_base + b"x-request-id: " + ctx.request_id.encode() + b"\r\n"
+    @staticmethod
+    def _headers(ctx: RequestContext) -> dict[str, str]:
+        # content-type and the worker key are the session's default headers (upstream.py).
+        return {"x-request-id": ctx.request_id}
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _gauge(self, worker: Worker) -> Any:
@@ -135,8 +161,8 @@ class PDFlow:
             worker.breaker.record_success()
 
     # -- the flow ---------------------------------------------------------------------------
-    async def run(self, ctx: RequestContext, resp: Responder) -> None:
-        """Serve one request end to end. Raises ProxyError only before the response started."""
+    async def run(self, ctx: RequestContext) -> Reply:
+        """Serve one request. Raises ProxyError when it fails before any answer exists."""
         decode = self._router.pick("decode", ctx.prefix)
         if decode is None:
             raise NoWorkerAvailable("no healthy decode worker")
@@ -150,7 +176,7 @@ class PDFlow:
             self._m.fallbacks.labels("batch_prompt").inc()
         else:
             params = await self._prefill(ctx, decode)
-        await self._decode(ctx, decode, params, resp)
+        return await self._decode(ctx, decode, params)
 
     async def _prefill(self, ctx: RequestContext, decode: Worker) -> dict[str, Any] | None:
         """P's returned kv_transfer_params, or None when D should prefill locally."""
@@ -203,7 +229,7 @@ class PDFlow:
                 continue
             finally:
                 self._leave(worker, ctx.est_tokens)
-            if status >= 400:
+            if status != 200:
                 error = UpstreamStatusError(worker.http, status, data)
                 if not error.retryable:
                     raise error
@@ -244,8 +270,7 @@ class PDFlow:
         ctx: RequestContext,
         decode: Worker,
         params: dict[str, Any] | None,
-        resp: Responder,
-    ) -> None:
+    ) -> Reply:
         body = ctx.body
         if params is not None:
             body[kv_params.KV_TRANSFER_PARAMS] = params
@@ -264,21 +289,26 @@ class PDFlow:
             ctx.decode_worker = worker.http
             self._enter(worker, tokens)
             try:
-                done = await self._decode_once(ctx, worker, orjson.dumps(body), headers, resp)
+                reply = await self._decode_once(ctx, worker, orjson.dumps(body), headers)
             except UpstreamStatusError as exc:
+                self._leave(worker, tokens)
                 if not exc.retryable:
                     raise
                 self._failure(worker)
                 last_error = exc
-                done = False
             except UpstreamError as exc:
+                self._leave(worker, tokens)
                 self._failure(worker)
                 last_error = exc
-                done = False
-            finally:
+            except BaseException:
                 self._leave(worker, tokens)
-            if done:
-                return
+                raise
+            else:
+                if reply.stream is None:
+                    self._leave(worker, tokens)
+                else:
+                    reply.release = self._releaser(worker, tokens, reply.release)
+                return reply
             # Retry before the first byte on another D. The KV (if any) went to the failed D,
             # so the new D either prefills locally or gets a fresh push.
             worker = self._router.pick("decode", ctx.prefix, tried)
@@ -298,99 +328,108 @@ class PDFlow:
             raise last_error
         raise NoWorkerAvailable("no healthy decode worker")
 
+    def _releaser(
+        self, worker: Worker, tokens: int, then: Callable[[], None] | None
+    ) -> Callable[[], None]:
+        def release() -> None:
+            self._leave(worker, tokens)
+            if then is not None:
+                then()
+
+        return release
+
     async def _decode_once(
         self,
         ctx: RequestContext,
         worker: Worker,
         payload: bytes,
-        headers: bytes,
-        resp: Responder,
-    ) -> bool:
-        """One attempt on D. False/raise = failed before anything reached the client."""
+        headers: dict[str, str],
+    ) -> Reply:
+        """One attempt on D. Raises when it failed before anything could reach the client."""
         timeouts = self._s.timeouts
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()  # deadlines (uvloop's clock ticks in ms)
         started = time.perf_counter()  # reported timings
         first_deadline = timeouts.first_byte if ctx.stream else timeouts.decode
-        up = await self._client.open(worker, "POST", ctx.path, payload, headers, first_deadline)
+        up: UpstreamStream | None = None
         try:
-            if up.status >= 400:
-                remaining = max(first_deadline - (loop.time() - t0), 0.0)
-                data = await up.read_all(remaining, self._client.max_response)
-                raise UpstreamStatusError(worker.http, up.status, data)
-            if not ctx.stream:
-                remaining = max(first_deadline - (loop.time() - t0), 0.0)
-                data = await up.read_all(remaining, self._client.max_response)
-                self._success(worker)
-                elapsed = time.perf_counter() - started
-                ctx.ttft_ms = elapsed * 1000.0
-                self._m.decode_ttft_seconds.observe(elapsed)
-                data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
-                ctx.status = up.status
-                resp.send(up.status, data, self._resp_headers(ctx))
-                return True
-            first = await up.read(max(first_deadline - (loop.time() - t0), 0.0))
-            if not first:
-                raise UpstreamStatusError(worker.http, 502, b"")
-            self._success(worker)
-            elapsed = time.perf_counter() - started
-            ctx.ttft_ms = elapsed * 1000.0
-            self._m.decode_ttft_seconds.observe(elapsed)
-            await self._relay(ctx, up, first, resp)
-            return True
-        finally:
-            up.aclose()
+            # One deadline until the first byte (streaming) or the whole answer (not streaming).
+            async with asyncio.timeout(first_deadline):
+                up = await self._client.open(worker, "POST", ctx.path, payload, headers, None)
+                if up.status != 200:
+                    data = await up.read_all(None, self._client.max_response)
+                    raise UpstreamStatusError(worker.http, up.status, data)
+                if ctx.stream:
+                    first = await up.read(None)
+                    if not first:
+                        raise UpstreamStatusError(worker.http, 502, b"")
+                else:
+                    data = await up.read_all(None, self._client.max_response)
+        except TimeoutError as exc:
+            if up is not None:
+                up.aclose()
+            what = "no first byte" if ctx.stream else "no complete answer"
+            raise UpstreamTimeout(worker.http, f"{what} within the deadline") from exc
+        except BaseException:
+            if up is not None:
+                up.aclose()
+            raise
+        self._success(worker)
+        elapsed = time.perf_counter() - started
+        ctx.ttft_ms = elapsed * 1000.0
+        self._m.decode_ttft_seconds.observe(elapsed)
+        ctx.status = up.status
+        if not ctx.stream:
+            up.aclose()  # read to its end: the connection goes back to the pool
+            data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
+            return Reply(up.status, data, self._resp_headers(ctx))
+        return Reply(
+            up.status,
+            headers=self._resp_headers(ctx),
+            content_type=EVENT_STREAM,
+            stream=self._relay(ctx, up, first),
+            release=up.aclose,  # also when the stream is closed before it was iterated
+        )
 
     async def _relay(
-        self, ctx: RequestContext, up: UpstreamStream, first: bytes, resp: Responder
-    ) -> None:
-        """Stream D's SSE to the client. Errors here can only be reported in-band."""
-        options = ctx.body.get("stream_options")
-        patcher: SSEUsagePatcher | None = None
-        if (
-            isinstance(options, dict)
-            and options.get("include_usage")
-            and (ctx.pushed_tokens is not None or ctx.prefill_prompt_tokens is not None)
-        ):
-            patcher = SSEUsagePatcher(ctx.pushed_tokens, ctx.prefill_prompt_tokens)
-            first = patcher.feed(first)
-        ctx.status = up.status
-        # When D's whole answer is already here (short answers), headers, body and terminator go
-        # out in one write; likewise the last chunk carries the terminator. Fewer syscalls.
-        if up.at_eof:
-            tail = patcher.flush() if patcher is not None else b""
-            resp.start_stream(
-                up.status, self._resp_headers(ctx), first_chunk=first + tail, end=True
-            )
-            return
-        resp.start_stream(up.status, self._resp_headers(ctx), first_chunk=first)
-        idle = self._s.timeouts.idle
+        self, ctx: RequestContext, up: UpstreamStream, first: bytes
+    ) -> AsyncGenerator[bytes, None]:
+        """D's SSE, chunk by chunk. Errors here can only be reported in-band. Owns ``up``."""
         try:
-            while True:
-                data = await up.read(idle)
-                if not data:
-                    break
-                if patcher is not None:
-                    data = patcher.feed(data)
-                if up.at_eof:
+            options = ctx.body.get("stream_options")
+            patcher: SSEUsagePatcher | None = None
+            if (
+                isinstance(options, dict)
+                and options.get("include_usage")
+                and (ctx.pushed_tokens is not None or ctx.prefill_prompt_tokens is not None)
+            ):
+                patcher = SSEUsagePatcher(ctx.pushed_tokens, ctx.prefill_prompt_tokens)
+                first = patcher.feed(first)
+            if first:
+                yield first
+            idle = self._s.timeouts.idle
+            try:
+                while True:
+                    data = await up.read(idle)
+                    if not data:
+                        break
                     if patcher is not None:
-                        data += patcher.flush()
-                    resp.end_stream(data)
-                    return
-                await resp.write(data)
-        except UpstreamError as exc:
-            ctx.error = str(exc)
-            ctx.status = 504 if isinstance(exc, UpstreamTimeout) else 502
+                        data = patcher.feed(data)
+                    if data:
+                        yield data
+            except UpstreamError as exc:
+                ctx.error = str(exc)
+                ctx.status = 504 if isinstance(exc, UpstreamTimeout) else 502
+                tail = patcher.flush() if patcher is not None else b""
+                event = error_body(
+                    exc.public_message, exc.error_type, ctx.status, request_id=ctx.request_id
+                )
+                yield tail + b"data: " + event + b"\n\n"
+                return
             if patcher is not None:
-                await resp.write(patcher.flush())
-            event = error_body(
-                f"decode worker failed mid-stream: {exc}", exc.error_type, ctx.status
-            )
-            resp.end_stream(b"data: " + event + b"\n\n")
-            return
-        if patcher is not None:
-            await resp.write(patcher.flush())
-        resp.end_stream()
+                tail = patcher.flush()
+                if tail:
+                    yield tail
+        finally:
+            up.aclose()
 
     @staticmethod
     def _resp_headers(ctx: RequestContext) -> tuple[tuple[bytes, bytes], ...]:

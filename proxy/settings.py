@@ -102,7 +102,21 @@ class ProxySettings:
     breaker_threshold: int = 3
     breaker_cooldown: float = 5.0
     max_body: int = 4 * 1024 * 1024
+    """Request body bytes; a larger body is refused with 413 while it is being read."""
     max_tokens_limit: int = 1 << 20
+    body_timeout: float = 30.0
+    """Seconds a client may take to send a request body."""
+    write_timeout: float = 60.0
+    """Seconds one write to the client may wait for it to read, before it is dropped."""
+    header_timeout: float = 30.0
+    """Seconds a client may take to send a request's headers (uvicorn has no such deadline; the
+    proxy's own HTTP protocol class adds it, see server.py)."""
+    max_header_bytes: int = 64 * 1024
+    """Request line plus headers; larger requests are refused with 431 while they arrive."""
+    keep_alive_timeout: float = 75.0
+    """Seconds an idle client connection is kept open."""
+    docs: bool = False
+    """Serve ``/docs`` and ``/openapi.json``."""
     access_log: bool = True
     state_file: str | None = None
     """Set by the CLI for ``--workers N > 1``: the worker list shared by the processes."""
@@ -136,6 +150,11 @@ class ProxySettings:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not self.health_interval > 0:
             raise ConfigError(f"health_interval must be > 0 seconds, got {self.health_interval}")
+        for name in ("body_timeout", "write_timeout", "header_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_header_bytes < 1024:
+            raise ConfigError(f"max_header_bytes must be >= 1024, got {self.max_header_bytes}")
         for name in ("breaker_cooldown", "shutdown_grace"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")

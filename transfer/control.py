@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import zmq
 
 from lmcache_disagg.transfer.errors import DeadlineExceeded, PeerClosed
 from lmcache_disagg.transfer.protocol import Reply, decode_reply
+from lmcache_disagg.transfer.wakeup import Wakeup
 
 __all__ = ["HOUSEKEEPING_INTERVAL", "ControlLoop"]
 
@@ -51,9 +51,7 @@ class ControlLoop:
         self._on_tick = on_tick
         self._on_unmatched = on_unmatched
         self._commands: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=_MAX_COMMANDS)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmcd-tx-ctl", daemon=True)
         self._sockets: dict[Any, zmq.Socket[bytes]] = {}
@@ -69,8 +67,7 @@ class ControlLoop:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
     # -- any thread -------------------------------------------------------------------------------
 
@@ -101,15 +98,13 @@ class ControlLoop:
         self._wake()
 
     def _wake(self) -> None:
-        # A full buffer means a wake-up is already pending; closed means shutting down.
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        self._wakeup.wake()
 
     # -- the control thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
         by_socket: dict[zmq.Socket[bytes], Any] = {}
         interval_ms = int(HOUSEKEEPING_INTERVAL * 1000)
         next_tick = 0.0
@@ -120,10 +115,8 @@ class ControlLoop:
                 if self._stop.is_set():
                     return
                 raise
-            if self._wake_r.fileno() in events:
-                with contextlib.suppress(OSError):
-                    while self._wake_r.recv(4096):
-                        pass
+            if self._wakeup.fileno() in events:
+                self._wakeup.drain()
             self._run_commands(poller, by_socket)
             for sock, key in list(by_socket.items()):
                 if sock in events:

@@ -12,13 +12,15 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
-from lmcache_disagg.transfer.errors import DeadlineExceeded, DuplicateTransfer, NoRoom
+from lmcache_disagg.transfer.errors import DeadlineExceeded, NoRoom
 
-__all__ = ["ReceivePool", "SendPage", "SendPool", "allocate_pages"]
+__all__ = ["PageAllocator", "ReceivePool", "SendPage", "SendPool", "allocate_pages", "host_view"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +73,45 @@ def host_view(pages: torch.Tensor) -> memoryview | None:
     return memoryview(pages.numpy()).cast("B")  # type: ignore[arg-type]
 
 
-class ReceivePool:
-    """D's receive pool. Reservations are all-or-nothing and carry an expiry time.
+class PageAllocator:
+    """A free list of page indices ``[0, n_pages)``: all-or-nothing :meth:`acquire`, :meth:`release`.
 
-    Called from D's control thread (reserve/expired) and the connector (release, via
-    :meth:`KVReceiver.release`). Expiry is only *reported* here (:meth:`expired`); the receiver decides
-    when the pages may be reused (never while a frame is still being written into them).
+    Knows nothing about transfers or TTLs (the owners of the indices do). Thread-safe. LIFO, so
+    recently used (cache-warm) pages stay in play.
+    """
+
+    def __init__(self, n_pages: int) -> None:
+        self.n_pages = n_pages
+        self._lock = threading.Lock()
+        self._free = list(range(n_pages - 1, -1, -1))
+
+    def acquire(self, n_pages: int) -> list[int]:
+        """``n_pages`` free page indices; raises NoRoom when fewer are free."""
+        if n_pages <= 0 or n_pages > self.n_pages:
+            raise NoRoom(f"cannot reserve {n_pages} pages in a pool of {self.n_pages}")
+        with self._lock:
+            if len(self._free) < n_pages:
+                raise NoRoom(
+                    f"receive pool full: {n_pages} pages wanted, {len(self._free)} of "
+                    f"{self.n_pages} free"
+                )
+            return [self._free.pop() for _ in range(n_pages)]
+
+    def release(self, pages: list[int]) -> None:
+        """Give back pages from :meth:`acquire` (each exactly once)."""
+        with self._lock:
+            self._free.extend(reversed(pages))
+
+    def in_use(self) -> int:
+        with self._lock:
+            return self.n_pages - len(self._free)
+
+
+class ReceivePool:
+    """D's receive pool: the page tensor and its :class:`PageAllocator`.
+
+    Reservations (:mod:`.reservation`) own the indices they acquired, their TTL and slot states;
+    the pool only hands pages out and takes them back.
     """
 
     def __init__(self, n_pages: int, page_bytes: int, device: str = "cpu") -> None:
@@ -84,57 +119,18 @@ class ReceivePool:
         self.n_pages = n_pages
         self.page_bytes = page_bytes
         self.view = host_view(self.pages)
-        self._lock = threading.Lock()
-        # LIFO free list keeps recently used (cache-warm) pages in play.
-        self._free = list(range(n_pages - 1, -1, -1))
-        self._owned: dict[str, list[int]] = {}
-        self._expiry: dict[str, float] = {}
+        self._alloc = PageAllocator(n_pages)
 
-    def reserve(self, transfer_id: str, n_pages: int, ttl: float) -> list[int]:
-        """Reserve ``n_pages`` pages for ``ttl`` seconds; raises NoRoom / DuplicateTransfer."""
-        if n_pages <= 0 or n_pages > self.n_pages:
-            raise NoRoom(f"cannot reserve {n_pages} pages in a pool of {self.n_pages}")
-        with self._lock:
-            if transfer_id in self._owned:
-                raise DuplicateTransfer(f"transfer {transfer_id!r} already holds pages")
-            if len(self._free) < n_pages:
-                raise NoRoom(
-                    f"receive pool full: {n_pages} pages wanted, {len(self._free)} of "
-                    f"{self.n_pages} free"
-                )
-            pages = [self._free.pop() for _ in range(n_pages)]
-            self._owned[transfer_id] = pages
-            self._expiry[transfer_id] = time.monotonic() + ttl
-            return pages
+    def acquire(self, n_pages: int) -> list[int]:
+        """Raises NoRoom."""
+        return self._alloc.acquire(n_pages)
 
-    def release(self, transfer_id: str) -> None:
-        """Return the transfer's pages to the pool. Idempotent."""
-        with self._lock:
-            pages = self._owned.pop(transfer_id, None)
-            self._expiry.pop(transfer_id, None)
-            if pages:
-                self._free.extend(reversed(pages))
-
-    def extend(self, transfer_id: str, ttl: float) -> None:
-        """Restart the TTL of a held reservation (no-op when not held)."""
-        with self._lock:
-            if transfer_id in self._expiry:
-                self._expiry[transfer_id] = time.monotonic() + ttl
-
-    def expired(self, now: float | None = None) -> list[str]:
-        """Ids whose TTL has passed (still held until released)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            return [tid for tid, deadline in self._expiry.items() if deadline <= now]
+    def release(self, pages: list[int]) -> None:
+        self._alloc.release(pages)
 
     def occupancy(self) -> int:
         """Pages in use."""
-        with self._lock:
-            return self.n_pages - len(self._free)
-
-    def holders(self) -> list[str]:
-        with self._lock:
-            return list(self._owned)
+        return self._alloc.in_use()
 
 
 @dataclass(eq=False)
@@ -154,6 +150,8 @@ class SendPool:
         self.page_bytes = page_bytes
         self.view = host_view(self.pages)
         self._pages = [SendPage(i, self.pages[i]) for i in range(n_pages)]
+        self.by_index: Mapping[int, SendPage] = MappingProxyType(dict(enumerate(self._pages)))
+        """Every page by its index (to check a page comes from this pool)."""
         self._free = list(range(n_pages))
         self._cond = threading.Condition()
 

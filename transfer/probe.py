@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from lmcache_disagg.config import ConfigError, split_host_port
 from lmcache_disagg.transfer import auth
 from lmcache_disagg.transfer.protocol import (
     PROTOCOL_VERSION,
@@ -81,14 +82,15 @@ def probe(endpoint: str, timeout: float, cluster_secret: str | None = None) -> P
             ok, endpoint, elapsed, authenticated, fingerprint, channel, error=error, detail=detail
         )
 
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit():
+    try:
+        host, port = split_host_port(endpoint)
+    except ConfigError:
         return result(False, "protocol", f"bad endpoint {endpoint!r}")
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(f"tcp://{host.strip('[]')}:{port}")
+        sock.connect(f"tcp://{host}:{port}")
         nonce = auth.make_nonce()
         reply = _request(sock, Hello(1, PROTOCOL_VERSION, None, nonce, probe=True), deadline)
         if reply is None:
@@ -97,7 +99,7 @@ def probe(endpoint: str, timeout: float, cluster_secret: str | None = None) -> P
             return result(False, reply.kind, reply.message)
         if not isinstance(reply, HelloReply):
             return result(False, "protocol", f"unexpected reply {type(reply).__name__}")
-        channel = "nixl" if reply.nixl_agent else "tcp"
+        channel = reply.channels[0].name if reply.channels else "tcp"
         if cluster_secret is None:
             if reply.auth_required:
                 return result(

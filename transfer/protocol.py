@@ -5,35 +5,43 @@ Two boundaries share this module:
 * **Control plane** (pyzmq DEALER -> ROUTER on D's KV endpoint): msgspec msgpack structs, one tagged
   union :data:`Request` (P -> D) and one :data:`Reply` (D -> P). Every request carries ``rid`` so P
   can match replies; every field D receives is bounds-checked before use.
-* **TCP data channel** (plain socket to the ``data_port`` announced in the hello reply): frames with a
+* **TCP data channel** (plain socket to the data port in the hello reply's "tcp" channel offer): frames with a
   fixed :data:`FRAME_HEADER_SIZE`-byte header (:data:`FRAME_HEADER`), then (chunk frames) ``nbytes``
   payload bytes that the receiver reads straight into the reserved pool page, then an 8-byte
   trailer (:data:`FRAME_TRAILER`). The header's checksum field is an xxh3-64 over the header's
-  first 40 bytes and the key, verified before any payload byte is written anywhere; the trailer is
+  first 36 bytes and the key, verified before any payload byte is written anywhere; the trailer is
   the xxh3-64 of the payload. Putting the payload checksum last lets both ends hash each slice
   while it is hot in cache (the sender right before sending it, the receiver right after reading).
 
 PROTOCOL_VERSION history (bump on any incompatible change; add fields only at the end, with defaults):
 
 * 1 (2026-11-22): first version: hello/auth/reserve/finish/cancel, TCP frames v1, NIXL notifs v1.
+* 2 (2026-12-02): channels are advertised generically: ``Hello.channels`` (what P can push over,
+  in its order of preference) and ``HelloReply.channels`` (what D accepts) carry
+  :class:`ChannelOffer` entries whose ``params`` each channel module encodes itself; they replace
+  ``want_nixl``/``nixl_*`` of both and ``data_port``/``pool_base`` of the reply. TCP frame headers
+  and NIXL notifications drop the ``slot`` field (it always equalled ``index``).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
 __all__ = [
     "CONTROL_MAX_MESSAGE",
     "DTYPE_SIZES",
+    "FRAME_CHECKSUM_SPAN",
     "FRAME_CHUNK",
     "FRAME_HEADER",
     "FRAME_HEADER_SIZE",
     "FRAME_HELLO",
     "FRAME_MAGIC",
     "FRAME_TRAILER",
+    "MAX_CHANNEL_OFFERS",
+    "MAX_CHANNEL_PARAMS",
     "MAX_KEY_BYTES",
     "MAX_TRANSFER_ID_LEN",
     "NIXL_NOTIF",
@@ -42,22 +50,29 @@ __all__ = [
     "AuthReply",
     "Cancel",
     "CancelReply",
+    "ChannelOffer",
+    "ChannelParams",
     "ErrorReply",
     "Finish",
     "FinishReply",
     "Hello",
     "HelloReply",
     "LayoutFingerprint",
+    "NixlAccept",
+    "NixlHello",
     "Reply",
     "Request",
     "Reserve",
     "ReserveReply",
+    "TcpAccept",
+    "decode_params",
     "decode_reply",
     "decode_request",
     "encode",
+    "encode_params",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 DTYPE_SIZES: Final[dict[str, int]] = {
     "float64": 8,
@@ -139,17 +154,30 @@ class LayoutFingerprint(msgspec.Struct, frozen=True):
 # -- control plane: P -> D ----------------------------------------------------------------------
 
 
+class ChannelOffer(msgspec.Struct, frozen=True):
+    """One data channel in a handshake: ``name`` (e.g. "tcp", "nixl") and the parameters that
+    channel's module encodes and decodes itself (:func:`encode_params` / :func:`decode_params`)."""
+
+    name: str
+    params: bytes = b""
+
+
+MAX_CHANNEL_OFFERS: Final = 8
+MAX_CHANNEL_PARAMS: Final = 64 << 10
+
+
 class Hello(msgspec.Struct, tag="hello", frozen=True):
-    """Opens a session. ``nonce`` is P's 32-byte challenge; ``probe`` asks for no session."""
+    """Opens a session. ``nonce`` is P's 32-byte challenge; ``probe`` asks for no session.
+
+    ``channels``: the channels P can push over, most preferred first.
+    """
 
     rid: int
     version: int
     fingerprint: LayoutFingerprint | None
     nonce: bytes
-    want_nixl: bool = False
     probe: bool = False
-    nixl_agent: str = ""
-    nixl_metadata: bytes = b""
+    channels: list[ChannelOffer] = []
 
 
 class Auth(msgspec.Struct, tag="auth", frozen=True):
@@ -201,7 +229,7 @@ class HelloReply(msgspec.Struct, tag="hello_reply", frozen=True):
 
     ``proof`` is HMAC(secret, "D" || transcript) when D has a cluster secret, else empty. Without a
     secret the session is usable at once; with one, only after :class:`Auth` succeeded.
-    ``nixl_agent``/``nixl_metadata``/``pool_base`` are empty/0 when D offers no NIXL.
+    ``channels``: those of P's offers D accepts, each with D's parameters for it.
     """
 
     rid: int
@@ -211,14 +239,9 @@ class HelloReply(msgspec.Struct, tag="hello_reply", frozen=True):
     proof: bytes
     auth_required: bool
     session: bytes
-    data_port: int
     page_bytes: int
     n_pages: int
-    nixl_agent: str = ""
-    nixl_metadata: bytes = b""
-    pool_base: int = 0
-    nixl_mem: str = "DRAM"
-    nixl_dev: int = 0
+    channels: list[ChannelOffer] = []
 
 
 class AuthReply(msgspec.Struct, tag="auth_reply", frozen=True):
@@ -275,6 +298,45 @@ def decode_reply(data: bytes) -> Reply:
     return _REPLY_DECODER.decode(data)
 
 
+# -- channel parameters (inside ChannelOffer.params) ---------------------------------------------
+
+
+class TcpAccept(msgspec.Struct, frozen=True):
+    """D's TCP channel: the data port P connects to."""
+
+    data_port: int
+
+
+class NixlHello(msgspec.Struct, frozen=True):
+    """P's NIXL channel: its agent name and metadata (D loads it to accept notifications)."""
+
+    agent: str
+    metadata: bytes
+
+
+class NixlAccept(msgspec.Struct, frozen=True):
+    """D's NIXL channel: its agent, metadata, and where its registered receive pool starts."""
+
+    agent: str
+    metadata: bytes
+    pool_base: int
+    mem: str = "DRAM"
+    dev: int = 0
+
+
+ChannelParams = TcpAccept | NixlHello | NixlAccept
+_P = TypeVar("_P", TcpAccept, NixlHello, NixlAccept)
+
+
+def encode_params(params: ChannelParams) -> bytes:
+    return _ENCODER.encode(params)
+
+
+def decode_params(data: bytes, kind: type[_P]) -> _P:
+    """Raises msgspec.DecodeError / ValidationError on anything malformed."""
+    return msgspec.msgpack.decode(data, type=kind)
+
+
 # -- TCP data frames ----------------------------------------------------------------------------
 
 FRAME_MAGIC: Final = b"LMKV"
@@ -283,13 +345,15 @@ FRAME_CHUNK: Final = 1
 FRAME_HELLO: Final = 2
 """First frame on a data connection: ``key`` holds the session id, ``nbytes`` = 0."""
 
-# magic, version, kind, flags, handle, slot, index, nbytes, num_tokens, key_len, reserved,
-# header checksum, key (zero padded to MAX_KEY_BYTES). The header checksum covers bytes [0, 40) and
-# key[:key_len]; chunk frames end with FRAME_TRAILER = xxh3-64 of the payload.
-FRAME_HEADER: Final = struct.Struct(f"<4sBBHQIIQIHHQ{MAX_KEY_BYTES}s")
+# magic, version, kind, flags, handle, index, nbytes, num_tokens, key_len, reserved,
+# header checksum, key (zero padded to MAX_KEY_BYTES). The header checksum covers bytes [0, 36) and
+# key[:key_len]; chunk frames end with FRAME_TRAILER = xxh3-64 of the payload. Chunk ``index`` is
+# also the reservation slot it lands in (D's ReserveReply lists the page of each slot).
+FRAME_HEADER: Final = struct.Struct(f"<4sBBHQIQIHHQ{MAX_KEY_BYTES}s")
 FRAME_HEADER_SIZE: Final = FRAME_HEADER.size
-FRAME_CHECKSUM_SPAN: Final = 40
+FRAME_CHECKSUM_SPAN: Final = 36
 FRAME_TRAILER: Final = struct.Struct("<Q")
 
-# NIXL notification attached to each WRITE: b"K" + struct below + key[:key_len].
-NIXL_NOTIF: Final = struct.Struct("<cQIIQIH")
+# NIXL notification attached to each WRITE: b"K" + struct below + key[:key_len]; the fields are
+# handle, index, nbytes, num_tokens, key_len.
+NIXL_NOTIF: Final = struct.Struct("<cQIQIH")

@@ -57,9 +57,7 @@ def d_side() -> Iterator[tuple[Side, KVReceiver, Loader]]:
     side = Side(make_kv(seed=2))
     receiver = KVReceiver(config(), side.kv.fingerprint)
     receiver.start()
-    loader = Loader(
-        config(), side.kv, receiver, SyncCopyEngine(), side.stats, LOG, receiver.pool.extend
-    )
+    loader = Loader(config(), side.kv, receiver, SyncCopyEngine(), side.stats, LOG, receiver.extend)
     try:
         yield side, receiver, loader
     finally:

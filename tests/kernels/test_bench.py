@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lmcache_disagg.kernels.bench import BenchShape, main, pattern_copy
+from lmcache_disagg.bench.kernels import BenchShape, main, pattern_copy
 from lmcache_disagg.kernels.layouts import LAYOUT_KINDS
 from lmcache_disagg.kernels.ops import gather
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_disagg.proxy.cluster import Proc, free_port, start_stub, wait_http
+from lmcache_disagg.bench.cluster import Proc, free_port, start_stub, wait_http
 from tests.proxy.utils import Cluster, Stub
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmcache_disagg.proxy.bench import run_fault_load
+from lmcache_disagg.bench.proxy import run_fault_load
 
 
 def test_fault_run_no_client_5xx_and_flat_rss(tmp_path: Path) -> None:

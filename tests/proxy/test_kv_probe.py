@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from lmcache_disagg.proxy.cluster import free_port
+from lmcache_disagg.bench.cluster import free_port
 from tests.proxy.utils import Cluster, wait_for
 
 SECRET = "cluster-secret-for-probe-test"

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from lmcache_disagg import kv_params
-from lmcache_disagg.proxy.cluster import free_port
+from lmcache_disagg.bench.cluster import free_port
 from tests.proxy.utils import Cluster, completion, sse_events, wait_for
 
 SHORT = ["--prefill-timeout", "0.5", "--first-byte-timeout", "0.5", "--idle-timeout", "0.5",

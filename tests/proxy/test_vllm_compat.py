@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lmcache_disagg.proxy.cluster import free_port, start_proxy, wait_http
+from lmcache_disagg.bench.cluster import free_port, start_proxy, wait_http
 from tests.proxy.utils import sse_events
 
 pytestmark = pytest.mark.vllm

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from lmcache_disagg.proxy.cluster import Proc, free_port, start_proxy, wait_http
+from lmcache_disagg.bench.cluster import Proc, free_port, start_proxy, wait_http
 
 FAST_FLAGS = ["--health-interval", "0.2", "--health-timeout", "0.5", "--log-level", "debug"]
 

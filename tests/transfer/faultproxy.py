@@ -145,7 +145,7 @@ class ArmedFaultProxy:
                 if header is None:
                     break
                 fields = FRAME_HEADER.unpack(header)
-                kind, nbytes = fields[2], fields[7]
+                kind, nbytes = fields[2], fields[6]
                 if kind != FRAME_CHUNK:
                     dst.sendall(header)
                     continue

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from lmcache_disagg.bench.transfer import main
 from lmcache_disagg.config import parse_size
-from lmcache_disagg.transfer.bench import main
 
 
 @pytest.mark.parametrize(

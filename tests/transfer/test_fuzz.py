@@ -16,7 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmcache_disagg.transfer.channels.frames import header_checksum
 from lmcache_disagg.transfer.protocol import (
+    FRAME_CHECKSUM_SPAN,
     FRAME_CHUNK,
     FRAME_HEADER,
     FRAME_HEADER_SIZE,
@@ -30,7 +32,6 @@ from lmcache_disagg.transfer.protocol import (
     encode,
 )
 from lmcache_disagg.transfer.receiver import KVReceiver
-from lmcache_disagg.transfer.tcp_channel import header_checksum
 from tests.transfer.utils import FP, RawPeer, make_config, wait_closed
 
 POISON = 0xAB
@@ -98,7 +99,6 @@ def test_random_bytes(target: Target, data: bytes) -> None:
 @FUZZ
 @given(
     handle=st.one_of(st.integers(0, 2**64 - 1), st.just(-1)),
-    slot=st.integers(0, 2**32 - 1),
     index=st.integers(0, 2**32 - 1),
     nbytes=st.one_of(st.integers(0, 2**64 - 1), st.integers(0, FP.page_bytes + 2)),
     num_tokens=st.integers(0, 2**32 - 1),
@@ -110,7 +110,6 @@ def test_random_bytes(target: Target, data: bytes) -> None:
 def test_structured_headers(
     target: Target,
     handle: int,
-    slot: int,
     index: int,
     nbytes: int,
     num_tokens: int,
@@ -121,11 +120,12 @@ def test_structured_headers(
 ) -> None:
     if handle == -1:
         handle = target.handle
-        slot, index = slot % 4, index % 4  # near the reservation: in and just out of range
-    fields = (FRAME_MAGIC, PROTOCOL_VERSION, FRAME_CHUNK, 0, handle, slot, index, nbytes)
+        index = index % 4  # near the reservation: in and just out of range
+    fields = (FRAME_MAGIC, PROTOCOL_VERSION, FRAME_CHUNK, 0, handle, index, nbytes)
     header = FRAME_HEADER.pack(*fields, num_tokens, key_len, 0, 0, b"k")
     if valid_header_checksum:  # get past the header check to exercise the bounds checks
-        checksum = header_checksum(header, header[48 : 48 + min(key_len, 64)])
+        key_at = FRAME_CHECKSUM_SPAN + 8
+        checksum = header_checksum(header, header[key_at : key_at + min(key_len, 64)])
         header = FRAME_HEADER.pack(*fields, num_tokens, key_len, 0, checksum, b"k")
     frame = (header + payload)[: max(0, len(header) + len(payload) - truncate)]
     assert send_and_close(target, frame)
@@ -168,7 +168,7 @@ def test_control_messages(
     peer.send_raw(payload)
     assert peer.sock.poll(5000), "no reply (the control thread hung?)"
     peer.sock.recv()
-    for holder in target.rx.pool.holders():
+    for holder in target.rx.transfer_ids():
         if holder != "fuzz-target":
             target.rx.release(holder)
     assert target.outside_untouched()
@@ -177,7 +177,7 @@ def test_control_messages(
 
 def test_huge_declared_length_is_refused_without_reading(target: Target) -> None:
     before = target.rx.metrics.failures("protocol")
-    fields = (FRAME_MAGIC, PROTOCOL_VERSION, FRAME_CHUNK, 0, target.handle, 0, 0, 2**63, 1, 1)
+    fields = (FRAME_MAGIC, PROTOCOL_VERSION, FRAME_CHUNK, 0, target.handle, 0, 2**63, 1, 1)
     header = FRAME_HEADER.pack(*fields, 0, 0, b"k")
     header = FRAME_HEADER.pack(*fields, 0, header_checksum(header, b"k"), b"k")
     sock = target.peer.data_conn()

@@ -164,7 +164,13 @@ class RawPeer:
         import zmq
 
         from lmcache_disagg.transfer import auth
-        from lmcache_disagg.transfer.protocol import PROTOCOL_VERSION, Auth, Hello, HelloReply
+        from lmcache_disagg.transfer.protocol import (
+            PROTOCOL_VERSION,
+            Auth,
+            ChannelOffer,
+            Hello,
+            HelloReply,
+        )
 
         self.endpoint = endpoint
         self.host, port = endpoint.rsplit(":", 1)
@@ -174,7 +180,11 @@ class RawPeer:
         self.sock.connect(f"tcp://{self.host}:{port}")
         self.rid = 0
         nonce = auth.make_nonce()
-        reply = self.request(lambda rid: Hello(rid, PROTOCOL_VERSION, fingerprint, nonce))
+        reply = self.request(
+            lambda rid: Hello(
+                rid, PROTOCOL_VERSION, fingerprint, nonce, channels=[ChannelOffer("tcp")]
+            )
+        )
         assert isinstance(reply, HelloReply), reply
         self.hello = reply
         self.session = reply.session
@@ -204,15 +214,22 @@ class RawPeer:
 
         return self.request(lambda rid: Finish(rid, self.session, handle, n_chunks))
 
+    def data_port(self) -> int:
+        """The data port in the hello reply's TCP channel entry."""
+        from lmcache_disagg.transfer.protocol import TcpAccept, decode_params
+
+        params = {offer.name: offer.params for offer in self.hello.channels}
+        return decode_params(params["tcp"], TcpAccept).data_port
+
     def data_conn(self, session: bytes | None = None) -> Any:
         import socket
 
+        from lmcache_disagg.transfer.channels.frames import pack_header
         from lmcache_disagg.transfer.protocol import FRAME_HEADER_SIZE, FRAME_HELLO
-        from lmcache_disagg.transfer.tcp_channel import pack_header
 
-        sock = socket.create_connection((self.host, self.hello.data_port), timeout=5)
+        sock = socket.create_connection((self.host, self.data_port()), timeout=5)
         header = bytearray(FRAME_HEADER_SIZE)
-        pack_header(header, FRAME_HELLO, 0, 0, 0, 0, 0, session or self.session)
+        pack_header(header, FRAME_HELLO, 0, 0, 0, 0, session or self.session)
         sock.sendall(header)
         return sock
 
@@ -224,16 +241,14 @@ class RawPeer:
         num_tokens: int,
         key: bytes = b"k",
         *,
-        slot: int | None = None,
         corrupt: bool = False,
     ) -> bytes:
         """Header + payload + trailer; ``corrupt`` flips one payload bit after checksumming."""
+        from lmcache_disagg.transfer.channels.frames import pack_header
         from lmcache_disagg.transfer.protocol import FRAME_CHUNK, FRAME_HEADER_SIZE, FRAME_TRAILER
-        from lmcache_disagg.transfer.tcp_channel import pack_header
 
         header = bytearray(FRAME_HEADER_SIZE)
-        slot = index if slot is None else slot
-        pack_header(header, FRAME_CHUNK, handle, slot, index, len(payload), num_tokens, key)
+        pack_header(header, FRAME_CHUNK, handle, index, len(payload), num_tokens, key)
         trailer = FRAME_TRAILER.pack(xxhash.xxh3_64_intdigest(payload))
         body = bytearray(payload)
         if corrupt and body:

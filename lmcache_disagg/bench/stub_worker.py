@@ -1,6 +1,6 @@
 """A fast stub vLLM worker that speaks the PD protocol, with injectable faults.
 
-Run as ``python -m lmcache_disagg.proxy.stub_worker --port N --role prefill|decode [--fault F]``.
+Run as ``python -m lmcache_disagg.bench.stub_worker --port N --role prefill|decode [--fault F]``.
 The proxy's tests and ``lmcache-disagg bench proxy`` start these as real processes.
 
 * ``prefill`` answers ``/v1/completions`` and ``/v1/chat/completions`` with one token and returns
@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from lmcache_disagg import kv_params
-from lmcache_disagg.proxy.httpserver import (
+from lmcache_disagg.bench.stub_http import (
     Request,
     Responder,
     ServerLimits,

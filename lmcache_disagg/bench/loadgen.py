@@ -1,6 +1,6 @@
 """A lean closed-loop HTTP load generator (run in its own process by ``bench.py`` and the tests).
 
-``python -m lmcache_disagg.proxy.loadgen --target HOST:PORT --path /v1/completions --body JSON
+``python -m lmcache_disagg.bench.loadgen --target HOST:PORT --path /v1/completions --body JSON
 --concurrency 32 --requests N [--warmup W]`` prints one JSON object: req/s, latency percentiles,
 status counts, and for SSE answers how many ended without ``[DONE]`` or carried an error event.
 

@@ -78,7 +78,7 @@ def _env() -> dict[str, str]:
 def start_stub(
     role: str, port: int, log_dir: Path, extra: Sequence[str] = (), python: str = sys.executable
 ) -> Proc:
-    argv = [python, "-m", "lmcache_disagg.proxy.stub_worker", "--port", str(port), "--role", role]
+    argv = [python, "-m", "lmcache_disagg.bench.stub_worker", "--port", str(port), "--role", role]
     return Proc(f"stub-{role}-{port}", [*argv, *extra], log_dir / f"stub-{role}-{port}.log", _env())
 
 

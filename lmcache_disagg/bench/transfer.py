@@ -12,7 +12,7 @@ Each round is one burst of each, in alternating order, so both sample the shared
 nearly the same moments. It prints GB/s of both, chunks/s, and the median per-round ratio.
 
 By default each end runs on its own half of the CPUs (like ``iperf3 -A``), the baseline as much
-as the channel: in a real deployment P and D are different hosts, and on a small box the
+as the channel: in a real deployment P and D are different hosts, and with few CPUs the
 scheduler moving the two ends' threads across the same CPUs costs more than what is measured.
 ``--no-pin`` lets the scheduler place them.
 """

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lmcache_disagg.proxy.cluster import (
+from lmcache_disagg.bench.cluster import (
     Proc,
     free_port,
     rss_bytes,
@@ -56,7 +56,7 @@ def _load(
 ) -> dict[str, Any]:
     out = subprocess.run(
         [
-            sys.executable, "-m", "lmcache_disagg.proxy.loadgen", "--target", target,
+            sys.executable, "-m", "lmcache_disagg.bench.loadgen", "--target", target,
             "--body", body, "--requests", str(requests), "--concurrency", str(concurrency),
             "--warmup", str(warmup), "--timeout", str(timeout),
         ],
@@ -229,7 +229,7 @@ def run_fault_load(
                     [
                         sys.executable,
                         "-m",
-                        "lmcache_disagg.proxy.loadgen",
+                        "lmcache_disagg.bench.loadgen",
                         "--target",
                         target,
                         "--body",
@@ -280,7 +280,7 @@ def run_fault_load(
 
 
 def _clients(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    from lmcache_disagg.proxy.clientbench import compare_clients
+    from lmcache_disagg.bench.clients import compare_clients
 
     port = free_port()
     stub = start_stub("decode", port, log_dir)

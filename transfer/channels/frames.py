@@ -1,4 +1,4 @@
-"""Socket helpers of the TCP data channel (torch-free): exact reads, full writes, frame headers.
+"""Socket and frame helpers of the TCP channel (torch-free): exact reads, full writes, headers.
 
 The hot path allocates nothing per chunk beyond a few memoryview slices: headers are packed into a
 per-connection buffer, payloads are sent from and received into memoryviews of the pools.
@@ -139,14 +139,14 @@ def send_all(
 # The header split at the checksum: the first FRAME_CHECKSUM_SPAN bytes (what the checksum
 # covers) and the rest (checksum, key). Packing the prefix once and hashing it together with the
 # key in one call halves the per-chunk cost of pack_header on the small-chunk hot path.
-_PREFIX: Final = struct.Struct("<4sBBHQIIQIHH")
+_PREFIX: Final = struct.Struct("<4sBBHQIQIHH")
 _SUFFIX: Final = struct.Struct(f"<Q{MAX_KEY_BYTES}s")
 assert FRAME_HEADER.format == _PREFIX.format + _SUFFIX.format[1:]
 assert _PREFIX.size == FRAME_CHECKSUM_SPAN
 
 
 def header_checksum(header: memoryview | bytearray, key: bytes) -> int:
-    """xxh3-64 over the header's first 40 bytes and the key."""
+    """xxh3-64 over the header's first FRAME_CHECKSUM_SPAN bytes and the key."""
     return xxhash.xxh3_64_intdigest(bytes(memoryview(header)[:FRAME_CHECKSUM_SPAN]) + key)
 
 
@@ -154,7 +154,6 @@ def pack_header(
     buf: bytearray,
     kind: int,
     handle: int,
-    slot: int,
     index: int,
     nbytes: int,
     num_tokens: int,
@@ -164,7 +163,7 @@ def pack_header(
     if len(key) > MAX_KEY_BYTES:
         raise ValueError(f"chunk key longer than {MAX_KEY_BYTES} bytes")
     prefix = _PREFIX.pack(
-        FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, handle, slot, index, nbytes, num_tokens, len(key), 0
+        FRAME_MAGIC, PROTOCOL_VERSION, kind, 0, handle, index, nbytes, num_tokens, len(key), 0
     )
     buf[:FRAME_CHECKSUM_SPAN] = prefix
     _SUFFIX.pack_into(buf, FRAME_CHECKSUM_SPAN, xxhash.xxh3_64_intdigest(prefix + key), key)

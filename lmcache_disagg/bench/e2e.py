@@ -1,7 +1,7 @@
 """``lmcache-disagg bench e2e``: monolithic vLLM vs our PD vs stock NixlConnector behind our proxy.
 
-All three setups run in ONE invocation, one after the other (this box has 2 cores: never two
-setups at once), on the same larger random model and the same 1k-4k-token prompts (fresh random
+All three setups run in ONE invocation, one after the other (never two setups at once, so they
+do not compete for the CPUs), on the same larger random model and the same 1k-4k-token prompts (fresh random
 token ids per request, so no setup gets a prefix-cache hit). Per setup it reports the median
 time to first token (streaming) and total latency, and for the PD setups how many prompt tokens D
 computed itself (vLLM's ``prompt_tokens_by_source_total{source="local_compute"}``; ideally 1 per

@@ -4,8 +4,8 @@ For each shape (a Llama-8B-like chunk and the tiny test model's) and each layout
 CPU, it times gather and scatter of one 256-token chunk whose blocks are scattered through the
 cache, interleaved with ``torch.Tensor.copy_`` of the same number of bytes between two contiguous
 buffers. It reports the best of the interleaved rounds (the ratios of bests are what the
-acceptance bar uses) and the medians. The machine is shared and noisy: read the ratios, not the
-absolute numbers.
+acceptance bar uses) and the medians. Read the ratios, not the absolute numbers (a shared machine
+is noisy).
 
 A third baseline, ``pattern``, is one strided ``copy_`` per K/V cell view between the chunk and
 the first blocks of the cache (physically consecutive, so no per-block calls): the same element

@@ -1,0 +1,30 @@
+"""Benchmarks and their tooling (``lmcache-disagg bench ...``), kept apart from the product packages.
+
+* :mod:`.transfer` - the KV transfer channel against its raw baseline (plain sockets, bare NIXL).
+* :mod:`.kernels`  - gather/scatter bandwidth next to ``copy_``.
+* :mod:`.e2e`      - monolithic vLLM vs our PD vs stock NixlConnector behind our proxy.
+* :mod:`.proxy`    - the proxy against vllm-router on stub workers (:mod:`.stub_worker`,
+  :mod:`.loadgen`), the fault soak and the upstream-client comparison (:mod:`.clients`).
+
+Each module exposes ``main(argv: list[str]) -> int`` and is imported only when it runs, so
+``lmcache-disagg --help`` stays instant. Results and their method are in the README's benchmark
+section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+__all__ = ["BENCH_MODULES"]
+
+BENCH_MODULES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "transfer": "lmcache_disagg.bench.transfer",
+        "proxy": "lmcache_disagg.bench.proxy",
+        "kernels": "lmcache_disagg.bench.kernels",
+        "e2e": "lmcache_disagg.bench.e2e",
+    }
+)
+"""Bench target -> module exposing ``main(argv: list[str]) -> int``."""
