@@ -58,7 +58,8 @@ def _commands() -> list[tuple[str, str]]:
                     found.append((doc.name, line))
         # The benchmark table's commands (inline code without [optional] parts).
         for inline in re.findall(r"`(lmcache-disagg bench [^`\[]+)`", doc.read_text()):
-            found.append((doc.name, inline.strip()))
+            if "..." not in inline:  # a placeholder, not a command
+                found.append((doc.name, inline.strip()))
     return found
 
 

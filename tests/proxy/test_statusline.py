@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import re
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from lmcache_disagg.proxy.metrics import ProxyMetrics
 from lmcache_disagg.proxy.statusline import histogram_quantile, render, run, take_snapshot
+from tests.proxy.utils import Cluster, completion
+
+# Units an option that takes a number names as its metavar.
+UNITS = {"SECONDS", "BYTES", "TOKENS", "REQUESTS", "FAILURES", "N", "PORT"}
 
 
 def _worker_registry() -> tuple[CollectorRegistry, Counter, Counter, Counter]:
@@ -113,3 +119,41 @@ def test_interval_zero_is_off() -> None:
     lines: list[str] = []
     asyncio.run(run(0, lambda: "", lambda: ["http://127.0.0.1:9"], lines.append))
     assert lines == []
+
+
+def test_the_proxy_logs_its_status_line(cluster: Cluster) -> None:
+    proxy = cluster.proxy(extra=["--status-interval", "0.5"])
+    for _ in range(5):
+        assert proxy.post("/v1/completions", completion()).status_code == 200
+
+    def busy_line() -> str | None:
+        lines = [ln for ln in proxy.log_text().splitlines() if "proxy: " in ln and "req/s" in ln]
+        busy = [ln for ln in lines if not re.search(r"proxy: 0\.0 req/s", ln)]
+        return busy[0] if busy else None
+
+    deadline = time.monotonic() + 20
+    while busy_line() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    line = busy_line()
+    assert line is not None, proxy.log_text()[-2000:]
+    assert re.search(r"proxy: \d+\.\d req/s, \d+ in flight, p50 TTFT \d+ ms, 0 errors, KV ", line)
+
+
+def test_help_shows_every_option_with_its_unit_and_default() -> None:
+    from lmcache_disagg.proxy.cli import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        assert action.help, f"{flag} has no help"
+        takes_value = action.nargs != 0
+        if takes_value and action.type in (int, float):
+            assert action.metavar in UNITS, f"{flag}: unit {action.metavar!r}"
+        if action.type is float:
+            assert action.metavar == "SECONDS", flag
+    for name in ("--status-interval SECONDS", "--prefill-timeout SECONDS", "--max-body BYTES"):
+        assert name in text
+    assert text.count("(default:") == len([a for a in parser._actions if a.dest != "help"])
