@@ -5,6 +5,7 @@
 #   make test    the whole test suite (real vLLM on the CPU, real NIXL, real processes)
 #   make bench   every benchmark, each against its baseline in the same run (JSON in bench-results/)
 #   make lint    ruff + mypy on the package
+#   make docs    regenerate docs/configuration.md from the config schema
 #   make system-deps  the real servers the tests start (redis-server, prometheus) and docker-compose
 #
 # Outside this build environment the CPU torch wheel comes from PyTorch's index:
@@ -18,7 +19,7 @@ STAMP := $(VENV)/.lmcache-disagg-setup
 PACKAGE_DIRS := lmcache_disagg proxy transfer connector kernels
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-fast bench lint format clean
+.PHONY: setup system-deps demo test test-fast bench lint format docs clean
 
 SYSTEM_TOOLS := redis-server redis-cli prometheus docker-compose openssl
 SYSTEM_PACKAGES := redis-server prometheus docker-compose openssl
@@ -78,6 +79,9 @@ lint: setup
 format: setup
 	$(BIN)/ruff format $(PACKAGE_DIRS) tests
 	$(BIN)/ruff check --fix $(PACKAGE_DIRS) tests
+
+docs: setup
+	$(BIN)/lmcache-disagg config-reference --output docs/configuration.md
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache bench-results

@@ -50,6 +50,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
+from lmcache_disagg.connector.info import register_layout_info
+
 __all__ = ["COUNTERS", "GAUGES", "LMCacheDisaggPromMetrics", "LMCacheDisaggStats", "StatsRecorder"]
 
 PREFIX = "lmcache_disagg_"
@@ -202,6 +204,10 @@ class LMCacheDisaggPromMetrics(KVConnectorPromMetrics):
         counter_cls: Any = self._counter_cls
         gauge_cls: Any = self._gauge_cls
         histogram_cls: Any = self._histogram_cls
+        # From start-up on, /metrics shows our role and layout (``lmcache-disagg check`` reads it).
+        self._layout_info = register_layout_info(
+            gauge_cls, vllm_config, labelnames, per_engine_labelvalues
+        )
         self._counters: dict[str, Any] = {
             name: counter_cls(
                 name=PREFIX + name,

@@ -5,6 +5,8 @@ Subcommands:
 * ``demo``                       - a local CPU 1P1D cluster on the tiny model (see ``demo.py``).
 * ``bench transfer|proxy|kernels|e2e|routing|cache [...]`` - benchmarks; ``--json`` prints one JSON object last.
 * ``make-tiny-model DIR [...]``  - build the offline random-weight Llama used by tests and demo.
+* ``check [--config FILE] [--prefill ...] [--decode ...]`` - probe a running cluster (``check.py``).
+* ``config-reference [--output FILE]`` - write the config reference (``configref.py``).
 
 Each subcommand's module is imported only when it runs, so ``--help`` is instant and the proxy-only
 install never imports torch.
@@ -25,6 +27,8 @@ BENCHES = BENCH_MODULES
 COMMANDS = {
     "demo": "lmcache_disagg.demo",
     "make-tiny-model": "lmcache_disagg.tiny_model",
+    "check": "lmcache_disagg.check",
+    "config-reference": "lmcache_disagg.configref",
 }
 
 USAGE = """usage: lmcache-disagg <command> [args]
@@ -35,6 +39,9 @@ commands:
                                     benchmarks (each runs its baseline in the same run)
   make-tiny-model DIR [--layers N --hidden H --kv-heads K --dtype D ...]
                                     build the offline random-weight test model
+  check [--config FILE] [--prefill HOST:PORT] [--decode HOST:PORT[,kv=HOST:PORT]]
+                                    probe a running cluster; one line per problem, exit 1
+  config-reference [--output FILE]  write docs/configuration.md from the config schema
 
 run `lmcache-disagg <command> --help` for a command's options.
 """

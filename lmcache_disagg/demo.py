@@ -4,7 +4,10 @@ It builds the offline tiny model, starts a prefill worker (P) and a decode worke
 (CPU) with the lmcache-disagg connector, pinned to one core each - and the proxy, all on free
 loopback ports. It sends one completion and one streamed chat through the proxy, prints the answers
 and a table of what happened on D (prompt tokens, tokens loaded from P vs computed, time to first
-token), then shuts everything down.
+token), then runs ``lmcache-disagg check`` against the running cluster and shuts everything down.
+
+``--prometheus`` also starts a real Prometheus (the ``prometheus`` binary) scraping P, D and the
+proxy, and runs every query of the Grafana dashboard against it once the requests are done.
 
 ``--single`` runs one plain vLLM worker instead (no PD), as a smoke test of the installation.
 """
@@ -19,13 +22,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from lmcache_disagg.bench.cluster import Proc, start_proxy, wait_http
 from lmcache_disagg.tiny_model import TinyModelSpec, build_tiny_model
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
+
+if TYPE_CHECKING:
+    from lmcache_disagg.prometheus import PrometheusServer
 
 __all__ = ["main"]
 
@@ -159,7 +165,34 @@ def run_single(model_dir: Path, work: Path) -> int:
     return 0
 
 
-def run_pd(model_dir: Path, work: Path) -> int:
+def _print_check(prefill: VLLMServer, decode: str) -> int:
+    from lmcache_disagg.check import check
+    from lmcache_disagg.config import load_config
+
+    table, problems = check(load_config(environ={}), [prefill.address], [decode])
+    print("\n[lmcache-disagg check]\n" + table)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print("ok: the cluster is wired correctly")
+    return len(problems)
+
+
+def _print_dashboard(prometheus: PrometheusServer) -> None:
+    from lmcache_disagg.prometheus import dashboard_queries
+
+    queries = dashboard_queries()
+    answered, pending = prometheus.answered(queries, deadline_s=10)
+    print(
+        f"\n[dashboard] Prometheus {prometheus.url} answered {len(answered)} of {len(queries)} "
+        "dashboard queries"
+    )
+    if pending:
+        # A healthy demo has no retries, failures or evictions: those panels stay empty.
+        print("no data (nothing of that kind happened):", "; ".join(sorted(set(pending.values()))))
+
+
+def run_pd(model_dir: Path, work: Path, with_prometheus: bool = False) -> int:
     model = str(model_dir)
     kv_port = free_port()
     decode = VLLMServer(
@@ -175,6 +208,7 @@ def run_pd(model_dir: Path, work: Path) -> int:
         work / "prefill.log",
     )
     proxy: Proc | None = None
+    prometheus: PrometheusServer | None = None
     try:
         print("starting P and D (real vLLM on the CPU, ~30-60 s) ...", flush=True)
         with ThreadPoolExecutor(2) as pool:
@@ -188,14 +222,26 @@ def run_pd(model_dir: Path, work: Path) -> int:
         )
         wait_http(proxy_url + "/ready", timeout=60, proc=proxy)
         print(f"P {prefill.url}  D {decode.url} (KV 127.0.0.1:{kv_port})  proxy {proxy_url}")
+        if with_prometheus:
+            from lmcache_disagg.prometheus import PrometheusServer
+
+            targets = {"proxy": f"127.0.0.1:{proxy_port}", "prefill": prefill.address}
+            targets["decode"] = decode.address
+            prometheus = PrometheusServer(targets, work / "prometheus").wait_ready()
+            prometheus.wait_targets_up()
         before = prompt_tokens_by_source(decode)
         answers = [_completion(proxy_url, model), _streamed_chat(proxy_url, model)]
         after = prompt_tokens_by_source(decode)
         loaded = after.get("external_kv_transfer", 0.0) - before.get("external_kv_transfer", 0.0)
         computed = after.get("local_compute", 0.0) - before.get("local_compute", 0.0)
         _print_answers(answers, loaded, computed)
-        return 0
+        problems = _print_check(prefill, f"{decode.address},kv=127.0.0.1:{kv_port}")
+        if prometheus is not None:
+            _print_dashboard(prometheus)
+        return 1 if problems else 0
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         if proxy is not None:
             proxy.stop()
         prefill.stop()
@@ -209,8 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir", default=".models/tiny-f32", help="where the tiny model is built"
     )
+    parser.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run Prometheus against the cluster and the dashboard's queries against it",
+    )
     args = parser.parse_args(argv)
     print("building the tiny offline model ...", flush=True)
     model_dir = build_tiny_model(args.model_dir, TinyModelSpec(dtype="float32"))
     work = Path(tempfile.mkdtemp(prefix="lmcache-disagg-demo-"))
-    return run_single(model_dir, work) if args.single else run_pd(model_dir, work)
+    return run_single(model_dir, work) if args.single else run_pd(model_dir, work, args.prometheus)

@@ -29,6 +29,7 @@ the health checks and the upstream session::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from lmcache_disagg.errors import ConfigError
+from lmcache_disagg.proxy import statusline
 from lmcache_disagg.proxy.asgi import GenerateEndpoint
 from lmcache_disagg.proxy.pd import Reply
 from lmcache_disagg.proxy.service import ProxyApp
@@ -133,9 +135,19 @@ def create_app(settings: ProxySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await proxy.start()
+        status = asyncio.create_task(
+            statusline.run(
+                settings.status_interval,
+                lambda: proxy.metrics.render().decode(),
+                lambda: [worker.base_url for worker in proxy.pool],
+            )
+        )
         try:
             yield
         finally:
+            status.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await status
             await proxy.stop()
 
     app = ProxyAPI(

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmcache-disagg-proxy",
         description="OpenAI-compatible disaggregated prefill/decode proxy for vLLM workers",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--prefill",
@@ -57,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a decode worker and optionally its KV endpoint (repeatable)",
     )
     p.add_argument("--config", metavar="FILE", help="lmcache-disagg YAML (worker lists, ports)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--policy", choices=POLICIES, default="round_robin")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, metavar="PORT", help="TCP port to listen on")
+    p.add_argument(
+        "--policy", choices=POLICIES, default="round_robin", help="how P and D are picked"
+    )
     p.add_argument("--api-key", default=None, help="client Bearer key (env LMCACHE_PROXY_API_KEY)")
     p.add_argument(
         "--admin-key", default=None, help="Bearer key for /workers (env LMCACHE_PROXY_ADMIN_KEY)"
@@ -69,31 +72,74 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Bearer key sent to workers (env LMCACHE_PROXY_WORKER_KEY)",
     )
-    p.add_argument("--connect-timeout", type=float, default=5.0)
-    p.add_argument("--prefill-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds to open a connection to a worker",
+    )
+    p.add_argument(
+        "--prefill-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds for the whole prefill leg on P",
+    )
     p.add_argument(
         "--first-byte-timeout",
         type=float,
         default=60.0,
+        metavar="SECONDS",
         help="streaming decode: seconds until D's first byte",
     )
     p.add_argument(
         "--idle-timeout",
         type=float,
         default=60.0,
-        help="streaming decode: longest gap between chunks",
+        metavar="SECONDS",
+        help="streaming decode: longest gap between chunks, in seconds",
     )
     p.add_argument(
-        "--decode-timeout", type=float, default=600.0, help="non-streaming decode: the whole answer"
+        "--decode-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="non-streaming decode: seconds for the whole answer",
     )
-    p.add_argument("--health-interval", type=float, default=2.0)
-    p.add_argument("--health-timeout", type=float, default=2.0)
-    p.add_argument("--breaker-threshold", type=int, default=3)
-    p.add_argument("--breaker-cooldown", type=float, default=5.0)
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between health checks of each worker",
+    )
+    p.add_argument(
+        "--health-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds one health check may take",
+    )
+    p.add_argument(
+        "--breaker-threshold",
+        type=int,
+        default=3,
+        metavar="FAILURES",
+        help="consecutive failures that open a worker's circuit breaker",
+    )
+    p.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds an open breaker waits before a half-open trial",
+    )
     p.add_argument(
         "--max-concurrency",
         type=int,
         default=1024,
+        metavar="REQUESTS",
         help="in-flight requests per process before answering 429",
     )
     p.add_argument(
@@ -130,50 +176,89 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail instead of letting D prefill when no P is usable",
     )
-    p.add_argument("--prefill-attempts", type=int, default=2)
-    p.add_argument("--decode-attempts", type=int, default=2)
+    p.add_argument(
+        "--prefill-attempts",
+        type=int,
+        default=2,
+        metavar="N",
+        help="P workers tried per request before D prefills locally",
+    )
+    p.add_argument(
+        "--decode-attempts",
+        type=int,
+        default=2,
+        metavar="N",
+        help="D workers tried per request (only before D's first byte)",
+    )
     p.add_argument(
         "--decode-retry-repush",
         action="store_true",
-        help="on a D retry, prefill again pushing to the new D (default: D prefills)",
+        help="on a D retry, prefill again pushing to the new D (otherwise the new D prefills)",
     )
-    p.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="request body bytes")
+    p.add_argument(
+        "--max-body",
+        type=int,
+        default=4 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest request body in bytes (413 above)",
+    )
     p.add_argument(
         "--body-timeout",
         type=float,
         default=30.0,
+        metavar="SECONDS",
         help="seconds a client may take to send a request body (408 after)",
     )
     p.add_argument(
         "--write-timeout",
         type=float,
         default=60.0,
+        metavar="SECONDS",
         help="seconds a write may wait for a client that does not read (dropped after)",
     )
     p.add_argument(
         "--header-timeout",
         type=float,
         default=30.0,
+        metavar="SECONDS",
         help="seconds a client may take to send a request's headers (408 after)",
     )
     p.add_argument(
-        "--max-header-bytes", type=int, default=64 * 1024, help="request line plus headers"
+        "--max-header-bytes",
+        type=int,
+        default=64 * 1024,
+        metavar="BYTES",
+        help="request line plus headers, in bytes (431 above)",
     )
     p.add_argument(
         "--keep-alive-timeout",
         type=float,
         default=75.0,
+        metavar="SECONDS",
         help="seconds an idle client connection is kept",
     )
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument(
-        "--workers", type=int, default=1, help="uvicorn worker processes sharing the port"
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="uvicorn worker processes sharing the port",
     )
     p.add_argument(
         "--shutdown-grace",
         type=float,
         default=10.0,
+        metavar="SECONDS",
         help="seconds requests in flight may take to finish after SIGTERM",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between status log lines (req/s, in flight, p50 TTFT, errors, KV GB/s, "
+        "cache hit rate over the interval); 0 = off",
     )
     p.add_argument(
         "--kv-probe",
@@ -182,8 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(authenticated with the cluster secret from --config or "
         "LMCACHE_CLUSTER_SECRET)",
     )
-    p.add_argument("--no-access-log", action="store_true")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--no-access-log", action="store_true", help="no JSON access-log line per request"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error", "critical"),
+        help="log level (warning and above also turn the access log off)",
+    )
     return p  # fmt: skip
 
 
@@ -249,6 +342,7 @@ def settings_from_args(args: argparse.Namespace) -> ProxySettings:
         # The access log is INFO-level: --log-level warning (or higher) turns it off too.
         access_log=not args.no_access_log and _level(args.log_level) <= logging.INFO,
         shutdown_grace=args.shutdown_grace,
+        status_interval=args.status_interval,
         kv_probe=args.kv_probe,
         cluster_secret=(cfg.cluster_secret if cfg is not None else None)
         or env.get("LMCACHE_CLUSTER_SECRET")

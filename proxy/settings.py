@@ -128,6 +128,9 @@ class ProxySettings:
     cluster_secret: str | None = None
     """Used only by the KV probe (authenticated handshake). Never logged."""
     shutdown_grace: float = 10.0
+    status_interval: float = 10.0
+    """Seconds between status log lines (req/s, in flight, TTFT, errors, KV GB/s, hit rate); 0 =
+    off."""
     workers: int = 1
     upstream_pool_size: int = 1024
     tokenizer: str | None = None
