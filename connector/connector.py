@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from lmcache_disagg.config import load_config
 from lmcache_disagg.connector.cache import cache_enabled
 from lmcache_disagg.connector.cache_plan import CachePlanner
+from lmcache_disagg.connector.info import model_id
 from lmcache_disagg.connector.lookup import LookupClient, lookup_address, lookup_timeout
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.scheduler import ConnectorScheduler
@@ -65,21 +66,6 @@ if TYPE_CHECKING:
 __all__ = ["LMCacheDisaggConnector"]
 
 logger = logging.getLogger(__name__)
-
-
-def _model_id(vllm_config: VllmConfig) -> str:
-    """The model part of the fingerprint: the served name, else the model path's last part.
-
-    P and D may mount the same weights at different paths; everything that shapes the KV bytes
-    (dtype, layers, heads, head dim) is in the fingerprint separately.
-    """
-    model_config = vllm_config.model_config
-    names = getattr(model_config, "served_model_name", None)
-    if isinstance(names, list | tuple) and names:
-        names = names[0]
-    if isinstance(names, str) and names and names != model_config.model:
-        return names
-    return str(model_config.model).rstrip("/").rsplit("/", 1)[-1]
 
 
 def _route_logs_to_vllm() -> None:
@@ -155,7 +141,7 @@ class LMCacheDisaggConnector(KVConnectorBase_V1):
 
             self.connector_worker = ConnectorWorker(
                 self.config,
-                model=_model_id(vllm_config),
+                model=model_id(vllm_config),
                 is_producer=is_producer,
                 is_consumer=is_consumer,
                 tp_rank=get_tensor_model_parallel_rank(),

@@ -33,7 +33,7 @@ LAYOUT_INFO_LABELS = (
 def model_id(vllm_config: Any) -> str:
     """The model part of the fingerprint: the served name, else the model path's last part.
 
-    The same rule as the worker's fingerprint (``connector.py``), so P's labels compare with D's
+    The worker's fingerprint uses it too, so P's labels compare with D's
     handshake fingerprint field by field.
 
     P and D may mount the same weights at different paths; everything that shapes the KV bytes

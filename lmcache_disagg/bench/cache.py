@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from lmcache_disagg.bench.streaming import stream_completion
 from lmcache_disagg.tiny_model import TinyModelSpec, build_tiny_model
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
 
@@ -46,29 +47,8 @@ CHUNK_SIZE = 256
 
 def _stream(url: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
     """TTFT in seconds and the generated token ids of one streamed greedy completion."""
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "return_token_ids": True,
-    }
-    start = time.perf_counter()
-    ttft = 0.0
-    tokens: list[int] = []
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            for choice in event.get("choices") or []:
-                ids = choice.get("token_ids") or []
-                if (ids or choice.get("text")) and not ttft:
-                    ttft = time.perf_counter() - start
-                tokens.extend(ids)
-    return ttft, tokens
+    result = stream_completion(url, model, prompt, max_tokens)
+    return result.ttft_s, result.token_ids
 
 
 class _Redis:
