@@ -223,5 +223,7 @@ def _events_publisher(config: LMCacheDisaggConfig, kv: WorkerKV) -> KVEventPubli
 
 def events_endpoint(configured: str, tp_rank: int) -> str:
     """Rank ``tp_rank``'s PUB endpoint: the configured port + 2 x rank (0 stays ephemeral)."""
-    head, _, port = configured.rpartition(":")
-    return f"{head}:{int(port) + 2 * tp_rank}" if int(port) else configured
+    from lmcache_disagg.transfer.event_publisher import split_endpoint
+
+    head, port = split_endpoint(configured)
+    return f"{head}:{port + 2 * tp_rank}" if port else configured

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from lmcache_disagg.config import split_host_port
 from lmcache_disagg.errors import ConfigError
 from lmcache_disagg.proxy.cache_aware import CacheAwarePolicy, CacheAwareSettings, Choice
 from lmcache_disagg.proxy.kvevents import EventSource, KVEventSubscriber
@@ -81,7 +82,7 @@ def event_sources(specs: Sequence[str], workers: Sequence[str]) -> tuple[EventSo
             if not port_text.isdigit() or not 0 < int(port_text) < 65535:
                 raise ConfigError(f"--kv-events {text!r}: expected auto or auto:PORT")
             for worker in workers:
-                host = worker.rpartition(":")[0]
+                host, _ = split_host_port(worker)
                 endpoint = f"tcp://{host}:{port_text}"
                 sources.setdefault(
                     worker, EventSource(worker, endpoint, snapshot_endpoint_for(endpoint))

@@ -51,7 +51,13 @@ from lmcache_disagg.transfer.events import (
 )
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
-__all__ = ["KVEventPublisher", "PublisherSettings", "PublisherStats", "snapshot_endpoint_for"]
+__all__ = [
+    "KVEventPublisher",
+    "PublisherSettings",
+    "PublisherStats",
+    "snapshot_endpoint_for",
+    "split_endpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +66,20 @@ _SNAPSHOT_REQUEST_MAX = 4096
 """Largest snapshot request accepted (zmq MAXMSGSIZE on the ROUTER socket)."""
 
 
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` -> (``tcp://HOST``, PORT); port 0 means "any free port"."""
+    head, sep, port = endpoint.rpartition(":")
+    if not sep or not head or not port.isdigit() or not 0 <= int(port) < 65535:
+        raise ValueError(f"kv events endpoint {endpoint!r} must be tcp://HOST:PORT")
+    return head, int(port)
+
+
 def snapshot_endpoint_for(endpoint: str) -> str:
     """The default snapshot endpoint of a PUB endpoint: the same host, port + 1."""
-    head, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65535:
+    head, port = split_endpoint(endpoint)
+    if port == 0:
         raise ValueError(f"kv events endpoint {endpoint!r} must be tcp://HOST:PORT")
-    return f"{head}:{int(port) + 1}"
+    return f"{head}:{port + 1}"
 
 
 @dataclass(frozen=True)
@@ -375,8 +389,8 @@ class KVEventPublisher:
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
-    head, _, port = endpoint.rpartition(":")
-    if port == "0":
+    head, port = split_endpoint(endpoint)
+    if port == 0:
         sock.bind(f"{head}:*")
     else:
         sock.bind(endpoint)

@@ -21,6 +21,8 @@ from typing import Any, cast
 import httptools
 import orjson
 
+from lmcache_disagg.config import split_host_port
+
 __all__ = ["LoadResult", "main", "run_load"]
 
 LoadResult = dict[str, Any]
@@ -137,7 +139,7 @@ async def run_load(
     headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Drive ``requests`` (+ ``warmup``) requests with ``concurrency`` closed-loop clients."""
-    host, _, port = target.rpartition(":")
+    host, port = split_host_port(target)
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     raw = (
         f"POST {path} HTTP/1.1\r\nhost: {target}\r\ncontent-type: application/json\r\n"
