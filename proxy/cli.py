@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         metavar="DIR",
-        help="cache_aware: the model directory holding tokenizer.json (default: the workers' "
-        "model, when it is a local directory)",
+        help="cache_aware: the model directory holding tokenizer.json; None = the workers' model, "
+        "when it is a local directory",
     )
     p.add_argument(
         "--kv-events",
