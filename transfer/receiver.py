@@ -618,7 +618,9 @@ class KVReceiver:
         if self._held is None or len(keys) < 2:
             return 0
         try:
-            n = self._held.held(t.transfer_id, keys[:-1], self.config.reservation_ttl)
+            # A complete transfer's TTL restarts once (on completion): the lease outlives both.
+            ttl = 2 * self.config.reservation_ttl
+            n = self._held.held(t.transfer_id, keys[:-1], ttl)
         except Exception:  # the store failing means pushing everything, never a refusal
             logger.exception("chunk store lookup for reservation %s failed", t.transfer_id)
             n = 0

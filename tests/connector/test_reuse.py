@@ -7,12 +7,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
+from lmcache_disagg.connector.device import SyncCopyEngine
+from lmcache_disagg.connector.keys import chain_root
+from lmcache_disagg.connector.loader import Loader
+from lmcache_disagg.connector.pusher import Pusher
 from lmcache_disagg.connector.reuse import StoreHeld
+from lmcache_disagg.connector.stats import StatsRecorder
 from lmcache_disagg.transfer.receiver import KVReceiver
 from lmcache_disagg.transfer.sender import KVSender
 from lmcache_disagg.transfer.state import PushState, RecvState
-from lmcache_disagg.transfer.store import ChunkStore, NullStoreMetrics
+from lmcache_disagg.transfer.store import ChunkStore, NullStoreMetrics, StoreSettings
+from tests.connector.test_push_load import D_BLOCKS, LOG, P_BLOCKS, config, load, push, spec
+from tests.connector.test_push_load import PROMPT as PD_PROMPT
+from tests.connector.utils import keys_for, make_kv, token_values
 from tests.store.utils import CHUNK, FP, chain, chunk_bytes, root_of, settings, store_prompt, tokens
 from tests.transfer.utils import make_config, wait_until
 
@@ -113,3 +122,52 @@ def test_nothing_held_pushes_everything(
     assert received_bytes(rx) == 3 * FP.page_bytes + chunk_bytes(PROMPT[3 * CHUNK :]).numel()
     rx.release("t3")
     assert store.pinned_chunks() == 0 and store.leases() == 0
+
+
+def test_pd_load_takes_held_chunks_from_ds_store_and_the_rest_from_the_push() -> None:
+    p_kv, d_kv = make_kv(seed=1), make_kv(seed=2)
+    fp = d_kv.fingerprint
+    chunk = fp.chunk_size
+    d_store = ChunkStore(
+        StoreSettings(max_local_cpu_size=64 * fp.page_bytes, lease_ttl=30.0), fp, NullStoreMetrics()
+    )
+    d_store.start()
+    # D holds the first two chunks of the prompt (as if an earlier request had stored them).
+    keys = keys_for(d_kv, PD_PROMPT[:-1])
+    parent = chain_root(fp)
+    for index in range(2):
+        page = d_store.reserve_page()
+        assert page is not None
+        data = token_values(p_kv, P_BLOCKS, index * chunk, index * chunk + chunk)
+        raw = data.reshape(-1).view(torch.uint8)
+        page[: raw.numel()].copy_(raw)
+        ids = PD_PROMPT[index * chunk : index * chunk + chunk]
+        d_store.commit(page, keys[index], parent, ids, raw.numel())
+        parent = keys[index]
+    held = StoreHeld(d_store, chain_root(fp), chunk)
+    rx = KVReceiver(config(), fp, held=held)
+    rx.start()
+    d_stats, p_stats = StatsRecorder(), StatsRecorder()
+    loader = Loader(
+        config(), d_kv, rx, SyncCopyEngine(), d_stats, LOG, rx.extend, held_pages=held.pages
+    )
+    tx = KVSender(config(), p_kv.fingerprint)
+    tx.start()
+    pusher = Pusher(config(), p_kv, tx, SyncCopyEngine(), p_stats, LOG)
+    pusher.start()
+    try:
+        assert push(pusher, rx.endpoint) == {"r"}
+        assert d_store.pinned_chunks() == 2
+        assert load(loader, spec()) == ({"r"}, set())
+        assert token_values(d_kv, D_BLOCKS, 0, 69).equal(token_values(p_kv, P_BLOCKS, 0, 69))
+        per_token = fp.page_bytes // chunk
+        assert received_bytes(rx) == (69 - 2 * chunk) * per_token
+        assert p_stats.snapshot()["c:bytes_sent"] == (69 - 2 * chunk) * per_token
+        assert d_store.pinned_chunks() == 0 and d_store.leases() == 0
+        assert rx.occupancy() == 0 and tx.pages_in_use() == 0
+    finally:
+        pusher.shutdown()
+        tx.shutdown()
+        loader.shutdown()
+        rx.shutdown()
+        d_store.close(timeout=5.0)
