@@ -92,7 +92,10 @@ class Loader:
         stats: StatsRecorder,
         log: LogOnce,
         extend_ttl: Callable[[str, float], None] | None = None,
+        held_pages: Callable[[str, int], list[torch.Tensor]] | None = None,
     ) -> None:
+        """``held_pages(transfer_id, n)``: the store pages of a transfer's first ``n`` chunks that
+        D already held at reservation time (P did not push them; see connector/reuse.py)."""
         self._config = config
         self._kv = kv
         self._receiver = receiver
@@ -103,6 +106,7 @@ class Loader:
         self._loads: dict[str, _Load] = {}
         self._grace = unknown_grace(config)
         self._extend_ttl = extend_ttl
+        self._held_pages = held_pages
         self.verify = False
         """Re-gather each loaded chunk from the paged cache and log its xxh3 (tests only)."""
 
@@ -197,6 +201,15 @@ class Loader:
         block_ids = torch.as_tensor(spec.block_ids, dtype=torch.int64)
         num_layers = len(kv.caches)
         jobs: list[tuple[torch.Tensor, int, int]] = []
+        held: list[torch.Tensor] = []
+        n_held = sum(1 for chunk in chunks if chunk.held)
+        if n_held and spans[n_held - 1][1] > spec.load_start:
+            if self._held_pages is None or any(not c.held for c in chunks[:n_held]):
+                return self._fail(load, "held_chunks", "held chunks without a store")
+            try:
+                held = self._held_pages(spec.transfer_id, n_held)
+            except Exception as exc:  # CacheMiss, a timeout, a store bug: recompute
+                return self._fail(load, "held_fetch", repr(exc))
         for index, key in enumerate(expected):
             chunk = chunks[index]
             start, end = spans[index]
@@ -204,6 +217,14 @@ class Loader:
                 return self._fail(load, "bad_chunks", f"chunk {index} holds {chunk.num_tokens}")
             if chunk.key != key:
                 return self._fail(load, "key_mismatch", f"chunk {index} is for another prompt")
+            if chunk.held:
+                lo, hi = max(start, spec.load_start), min(end, spec.load_end)
+                if lo >= hi:
+                    continue
+                size = kv.layout.chunk_bytes(num_layers, end - start)
+                if index >= len(held) or held[index].numel() < size:
+                    return self._fail(load, "held_fetch", f"held chunk {index} unreadable")
+                chunk = ReceivedChunk(index, chunk.num_tokens, key, held[index][:size], True)
             if chunk.data.numel() != kv.layout.chunk_bytes(num_layers, end - start):
                 return self._fail(load, "bad_chunks", f"chunk {index} has a wrong size")
             lo, hi = max(start, spec.load_start), min(end, spec.load_end)
@@ -213,7 +234,8 @@ class Loader:
             if (lo, hi) != (start, end):
                 view = view[:, :, lo - start : hi - start].contiguous()
             jobs.append((view, lo, hi))
-            load.nbytes += chunk.data.numel()
+            if not chunk.held:
+                load.nbytes += chunk.data.numel()
 
         def run() -> None:
             # A host pool feeding GPU caches: the upload runs on the copy stream too.

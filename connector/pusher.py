@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +54,9 @@ _OPEN_POLL = 0.1
 
 
 class HandleLike(Protocol):
+    held: int
+    """Leading chunks D already holds: not gathered, not written."""
+
     def write(
         self, index: int, page: SendPage, nbytes: int, num_tokens: int, key: bytes
     ) -> None: ...
@@ -67,7 +71,9 @@ class HandleLike(Protocol):
 class SenderLike(Protocol):
     """What the pusher needs from :class:`lmcache_disagg.transfer.KVSender`."""
 
-    def open(self, target: str, transfer_id: str, n_chunks: int) -> HandleLike: ...
+    def open(
+        self, target: str, transfer_id: str, n_chunks: int, keys: Sequence[bytes] = ()
+    ) -> HandleLike: ...
 
     def acquire_page(self, timeout: float) -> SendPage: ...
 
@@ -271,7 +277,7 @@ class Pusher:
             try:
                 if time.monotonic() > push.deadline:
                     raise DeadlineExceeded("push deadline passed before the reservation")
-                handle = self._sender.open(push.target, push.transfer_id, push.n_chunks)
+                handle = self._sender.open(push.target, push.transfer_id, push.n_chunks, push.keys)
             except TransferError as exc:
                 error, message = exc.reason, str(exc)
             except Exception as exc:  # a bug or an unexpected library error: never kill P
@@ -299,6 +305,9 @@ class Pusher:
             return
         # Gather every chunk the computed range now covers, handing each to the sender as soon
         # as its copy has completed (at once on the CPU), so sending overlaps the next gathers.
+        if push.next_chunk == 0 and handle.held > 0:
+            # D holds the leading chunks already: they are neither gathered nor sent.
+            push.next_chunk = push.written = handle.held
         if not self._write_ready(push, handle):
             return
         while push.next_chunk < push.n_chunks:

@@ -21,6 +21,7 @@ from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.connector.cache import WorkerCache
 from lmcache_disagg.connector.device import make_copy_engine
 from lmcache_disagg.connector.errors import UnsupportedLayout
+from lmcache_disagg.connector.keys import chain_root
 from lmcache_disagg.connector.kvcache import (
     WorkerKV,
     describe_kv_caches,
@@ -32,6 +33,7 @@ from lmcache_disagg.connector.lookup import LookupAnswer, LookupServer
 from lmcache_disagg.connector.metadata import LMCacheDisaggMetadata
 from lmcache_disagg.connector.protocol import LookupRequest
 from lmcache_disagg.connector.pusher import Pusher
+from lmcache_disagg.connector.reuse import StoreHeld
 from lmcache_disagg.connector.stats import LMCacheDisaggStats, StatsRecorder
 from lmcache_disagg.transfer.errors import TransferError
 
@@ -134,7 +136,12 @@ class ConnectorWorker:
         try:
             if self.is_consumer:
                 rank_config = receiver_config_for_rank(self.config, self.tp_rank)
-                receiver = KVReceiver(rank_config, kv.fingerprint)
+                held = None
+                if self.cache is not None:
+                    held = StoreHeld(
+                        self.cache.store, chain_root(kv.fingerprint), kv.fingerprint.chunk_size
+                    )
+                receiver = KVReceiver(rank_config, kv.fingerprint, held=held)
                 receiver.start()
                 self.receiver = receiver
                 self.loader = Loader(
@@ -145,6 +152,7 @@ class ConnectorWorker:
                     self.stats,
                     self.log,
                     extend_ttl=receiver.extend,
+                    held_pages=held.pages if held is not None else None,
                 )
                 self.loader.verify = _verify_kv()
                 self.stats.gauge("pool_pages_total", receiver.n_pages)

@@ -21,6 +21,8 @@ PROTOCOL_VERSION history (bump on any incompatible change; add fields only at th
   :class:`ChannelOffer` entries whose ``params`` each channel module encodes itself; they replace
   ``want_nixl``/``nixl_*`` of both and ``data_port``/``pool_base`` of the reply. TCP frame headers
   and NIXL notifications drop the ``slot`` field (it always equalled ``index``).
+* 3 (2026-12-02): reuse: ``Reserve.keys`` carries the transfer's chunk keys and
+  ``ReserveReply.held`` says how many leading chunks D already holds (P does not push those).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ __all__ = [
     "encode_params",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 DTYPE_SIZES: Final[dict[str, int]] = {
     "float64": 8,
@@ -189,13 +191,18 @@ class Auth(msgspec.Struct, tag="auth", frozen=True):
 
 
 class Reserve(msgspec.Struct, tag="reserve", frozen=True):
-    """One reservation round trip per transfer: ``n_pages`` pages for ``ttl`` seconds."""
+    """One reservation round trip per transfer: ``n_pages`` pages for ``ttl`` seconds.
+
+    ``keys``: the chunk keys of the transfer (empty, or one per page), so D can say which
+    leading chunks it already holds.
+    """
 
     rid: int
     session: bytes
     transfer_id: str
     n_pages: int
     ttl: float
+    keys: list[bytes] = []
 
 
 class Finish(msgspec.Struct, tag="finish", frozen=True):
@@ -250,11 +257,15 @@ class AuthReply(msgspec.Struct, tag="auth_reply", frozen=True):
 
 
 class ReserveReply(msgspec.Struct, tag="reserve_reply", frozen=True):
-    """``pages`` are pool page indices in slot order (slot i -> pages[i])."""
+    """``pages`` are pool page indices in slot order (slot i -> pages[i]).
+
+    ``held``: chunks ``[0, held)`` are already on D (pinned there); P must not push them.
+    """
 
     rid: int
     handle: int
     pages: list[int]
+    held: int = 0
 
 
 class FinishReply(msgspec.Struct, tag="finish_reply", frozen=True):

@@ -22,6 +22,8 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 import msgspec
 import zmq
@@ -45,6 +47,7 @@ from lmcache_disagg.transfer.metrics import TransferMetrics
 from lmcache_disagg.transfer.pool import ReceivePool
 from lmcache_disagg.transfer.protocol import (
     CONTROL_MAX_MESSAGE,
+    MAX_KEY_BYTES,
     MAX_TRANSFER_ID_LEN,
     PROTOCOL_VERSION,
     Auth,
@@ -69,7 +72,7 @@ from lmcache_disagg.transfer.session import Session, SessionTable
 from lmcache_disagg.transfer.state import ReceivedChunk, RecvState, TransferState
 from lmcache_disagg.transfer.wakeup import Wakeup
 
-__all__ = ["MAX_DATA_CONNECTIONS", "ChunkTarget", "KVReceiver"]
+__all__ = ["MAX_DATA_CONNECTIONS", "ChunkTarget", "HeldChunks", "KVReceiver"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,19 @@ MAX_TOMBSTONES = 65536
 _CTL_IDLE_POLL_MS = 50
 _CTL_BUSY_POLL_MS = 1
 _SWEEP_INTERVAL = 0.05
+
+
+class HeldChunks(Protocol):
+    """D's own chunk store, seen by the receiver (given by the connector; any thread).
+
+    ``held`` answers a reservation: how many LEADING ``keys`` D holds, pinned under a lease named
+    by ``transfer_id`` (expiring on its own after ``ttl`` at the latest); ``drop`` releases that
+    lease (idempotent) once the reservation ended.
+    """
+
+    def held(self, transfer_id: str, keys: Sequence[bytes], ttl: float) -> int: ...
+
+    def drop(self, transfer_id: str) -> None: ...
 
 
 class KVReceiver:
@@ -94,11 +110,14 @@ class KVReceiver:
         fingerprint: LayoutFingerprint,
         *,
         registry: CollectorRegistry | None = None,
+        held: HeldChunks | None = None,
     ) -> None:
         """Ports come from ``config``: ``listen_port`` (control), ``data_port`` (TCP data) and
         ``advertised_data_port``, announced to senders instead of the bound data port (port
-        forwarding, NAT, or a test fault proxy in front of the real port)."""
+        forwarding, NAT, or a test fault proxy in front of the real port). ``held``: D's store,
+        asked at each reservation which leading chunks need no push."""
         fingerprint.validate()
+        self._held = held
         self.config = config
         self.fingerprint = fingerprint
         self.page_bytes = fingerprint.page_bytes
@@ -256,7 +275,8 @@ class KVReceiver:
                 meta = t.meta[slot]
                 assert meta is not None
                 page = self.pool.pages[t.pages[slot]]
-                out.append(ReceivedChunk(slot, meta.num_tokens, meta.key, page[: meta.nbytes]))
+                data = page[: meta.nbytes]
+                out.append(ReceivedChunk(slot, meta.num_tokens, meta.key, data, slot < t.held))
             return out
 
     def release(self, transfer_id: str) -> None:
@@ -366,6 +386,8 @@ class KVReceiver:
         if t.state is RecvState.RECEIVING:
             self._fail_locked(t, fail_reason)
         t.ended = True
+        if t.held and self._held is not None:
+            self._held.drop(t.transfer_id)
         self._by_id.pop(t.transfer_id, None)
         self._by_handle.pop(t.handle, None)
         self._tombstones[t.transfer_id] = tombstone
@@ -566,6 +588,11 @@ class KVReceiver:
             )
         if not request.ttl > 0:
             raise ProtocolViolation(f"bad ttl {request.ttl}")
+        keys = request.keys
+        if keys and (
+            len(keys) != request.n_pages or any(not 0 < len(k) <= MAX_KEY_BYTES for k in keys)
+        ):
+            raise ProtocolViolation("reservation keys do not match its pages")
         ttl = min(request.ttl, self.config.reservation_ttl)
         with self._lock:
             if request.transfer_id in self._by_id or request.transfer_id in self._tombstones:
@@ -582,7 +609,36 @@ class KVReceiver:
             self._by_id[t.transfer_id] = t
             self._by_handle[handle] = t
         self.metrics.pool_pages_used.set(self.pool.occupancy())
-        return ReserveReply(request.rid, handle, list(pages))
+        held = self._mark_held(t, keys)
+        return ReserveReply(request.rid, handle, list(pages), held)
+
+    def _mark_held(self, t: Reservation, keys: Sequence[bytes]) -> int:
+        """Ask D's store which leading chunks it holds (at most all but the last, so P always
+        pushes one and finishes normally); mark their slots verified. Returns how many."""
+        if self._held is None or len(keys) < 2:
+            return 0
+        try:
+            # A complete transfer's TTL restarts once (on completion): the lease outlives both.
+            ttl = 2 * self.config.reservation_ttl
+            n = self._held.held(t.transfer_id, keys[:-1], ttl)
+        except Exception:  # the store failing means pushing everything, never a refusal
+            logger.exception("chunk store lookup for reservation %s failed", t.transfer_id)
+            n = 0
+        n = max(0, min(n, len(keys) - 1))
+        with self._lock:
+            if n and (t.ended or t.state is not RecvState.RECEIVING):
+                n = 0
+            if n:
+                nbytes = self.page_bytes
+                chunk = self.fingerprint.chunk_size
+                for slot in range(n):
+                    t.slots[slot] = SlotState.VERIFIED
+                    t.meta[slot] = ChunkMeta(nbytes, chunk, keys[slot])
+                t.received += n
+                t.held = n
+        if not n:
+            self._held.drop(t.transfer_id)
+        return n
 
     def _on_finish(self, request: Finish, ident: bytes) -> FinishReply | None:
         session = self._sessions.get(request.session)

@@ -49,6 +49,8 @@ class Reservation:
     reason: str = ""
     writers: int = 0
     ended: bool = False
+    held: int = 0
+    """Slots ``[0, held)`` are chunks D already held (pinned by the receiver's HeldChunks)."""
     waiters: list[tuple[bytes, int]] = field(default_factory=list)
     """(zmq identity, rid) of Finish requests answered once the transfer resolves."""
 

@@ -18,7 +18,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import zmq
 from prometheus_client import CollectorRegistry
@@ -86,8 +86,10 @@ def _raise_error_reply(reply: ErrorReply) -> None:
     raise error_from_reply(reply)
 
 
-def _make_reserve(rid: int, *, session: bytes, transfer_id: str, n: int, ttl: float) -> Request:
-    return Reserve(rid, session, transfer_id, n, ttl)
+def _make_reserve(
+    rid: int, *, session: bytes, transfer_id: str, n: int, ttl: float, keys: list[bytes]
+) -> Request:
+    return Reserve(rid, session, transfer_id, n, ttl, keys)
 
 
 def split_target(target: str) -> tuple[str, int]:
@@ -296,6 +298,7 @@ class PushHandle:
         pages: list[int],
         n_chunks: int,
         deadline: float,
+        held: int = 0,
     ) -> None:
         self._peer = peer
         self.transfer_id = transfer_id
@@ -305,8 +308,11 @@ class PushHandle:
         self.deadline = deadline
         self.state = PushState.PENDING
         self.reason = ""
-        self.n_written = 0
+        self.held = held
+        """Chunks ``[0, held)`` are already on D: they count as written and must not be sent."""
+        self.n_written = held
         self._written = bytearray(n_chunks)
+        self._written[:held] = b"\x01" * held
         self._finished = False
         self._cancelled = False
         self._lock = threading.Lock()
@@ -522,8 +528,13 @@ class KVSender:
             peer = self._peers.get(target)
         return peer.channel if peer else None
 
-    def open(self, target: str, transfer_id: str, n_chunks: int) -> PushHandle:
+    def open(
+        self, target: str, transfer_id: str, n_chunks: int, keys: Sequence[bytes] = ()
+    ) -> PushHandle:
         """Reserve ``n_chunks`` pages on ``target`` for ``transfer_id`` (one round trip).
+
+        ``keys`` (one per chunk, or none): D answers which leading chunks it already holds;
+        the handle's ``held`` says how many, and those are not written.
 
         Retries while D's pool is full until ``reserve_timeout``. Raises PeerUnreachable,
         FingerprintMismatch, AuthenticationFailed, NoRoom, DeadlineExceeded, TargetNotAllowed,
@@ -533,9 +544,11 @@ class KVSender:
             raise TransferError("KVSender is not running")
         if n_chunks <= 0:
             raise ValueError("n_chunks must be >= 1")
+        if keys and len(keys) != n_chunks:
+            raise ValueError(f"{len(keys)} keys for {n_chunks} chunks")
         try:
             self._check_target(target)
-            return self._open(target, transfer_id, n_chunks)
+            return self._open(target, transfer_id, n_chunks, list(keys))
         except TransferError as exc:
             self.metrics.failure(exc.reason)
             raise
@@ -551,7 +564,7 @@ class KVSender:
                 "cluster_secret is set to authenticate it"
             )
 
-    def _open(self, target: str, transfer_id: str, n_chunks: int) -> PushHandle:
+    def _open(self, target: str, transfer_id: str, n_chunks: int, keys: list[bytes]) -> PushHandle:
         started = time.monotonic()
         deadline = math.inf
         backoff = 0.002
@@ -565,7 +578,12 @@ class KVSender:
                 deadline = time.monotonic() + self.config.reserve_timeout
             remaining = deadline - time.monotonic()
             make_reserve = functools.partial(
-                _make_reserve, session=peer.session, transfer_id=transfer_id, n=n_chunks, ttl=ttl
+                _make_reserve,
+                session=peer.session,
+                transfer_id=transfer_id,
+                n=n_chunks,
+                ttl=ttl,
+                keys=keys,
             )
             try:
                 reply = peer.request(make_reserve, max(remaining, 0.001), "reserve")
@@ -587,8 +605,11 @@ class KVSender:
                     continue
                 raise error
             raise ProtocolViolation(f"unexpected reply to reserve: {type(reply).__name__}")
-        if len(reply.pages) != n_chunks or any(
-            not 0 <= page < peer.remote_pages for page in reply.pages
+        if (
+            len(reply.pages) != n_chunks
+            or any(not 0 <= page < peer.remote_pages for page in reply.pages)
+            or not 0 <= reply.held < n_chunks
+            or (reply.held and not keys)
         ):
             raise ProtocolViolation("receiver returned a malformed reservation")
         self.metrics.reserve_wait_seconds.observe(time.monotonic() - started)
@@ -599,6 +620,7 @@ class KVSender:
             list(reply.pages),
             n_chunks,
             time.monotonic() + self.config.push_deadline,
+            reply.held,
         )
         with peer.handles_lock:
             peer.handles.add(handle)

@@ -36,12 +36,16 @@ class ReceivedChunk:
 
     The view aliases the receive pool: it is valid until :meth:`KVReceiver.release` is called for the
     transfer (or its TTL passes), so copy/scatter it before releasing.
+
+    ``held``: D already held this chunk when P reserved (P did not push it); ``data`` is then
+    NOT the chunk: the caller reads it from its own store (the receiver's :class:`HeldChunks`).
     """
 
     index: int
     num_tokens: int
     key: bytes
     data: torch.Tensor
+    held: bool = False
 
 
 class PushState(enum.Enum):

@@ -245,6 +245,8 @@ class _DeferredEngine:
 
 
 class _RecordingHandle:
+    held = 0
+
     def __init__(self, log: list[tuple[int, bool]], engine: _DeferredEngine) -> None:
         self.log, self.engine = log, engine
 
@@ -270,7 +272,9 @@ class _RecordingSender:
         self.engine = engine
         self._pages = [SendPage(i, torch.zeros(page_bytes, dtype=torch.uint8)) for i in range(8)]
 
-    def open(self, target: str, transfer_id: str, n_chunks: int) -> _RecordingHandle:
+    def open(
+        self, target: str, transfer_id: str, n_chunks: int, keys: object = ()
+    ) -> _RecordingHandle:
         return _RecordingHandle(self.log, self.engine)
 
     def acquire_page(self, timeout: float) -> SendPage:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from lmcache_disagg.config import LMCacheDisaggConfig
 from lmcache_disagg.vllm_server import VLLMServer, VLLMServerSpec, free_port
 from tests.e2e.utils import (
     FAST_TIMEOUTS,
@@ -62,6 +63,7 @@ def prompt(*parts: tuple[int, int]) -> list[int]:
 
 
 PREFIX = (1000, 101)
+PREFIX_PD = 1000
 PROMPTS: dict[str, list[int]] = {
     "shared-a": prompt(PREFIX, (200, 102)),
     "shared-b": prompt(PREFIX, (300, 103)),
@@ -71,8 +73,8 @@ PROMPTS: dict[str, list[int]] = {
     "l3": prompt((600, 107)),
     "evict-a": prompt((1000, 108), (100, 109)),
     "evict-b": prompt((1000, 108), (150, 110)),
-    "pd-a": prompt((1000, 111), (120, 112)),
-    "pd-b": prompt((1000, 111), (260, 113)),
+    "pd-a": prompt((PREFIX_PD, 111), (120, 112)),
+    "pd-b": prompt((PREFIX_PD, 111), (260, 113)),
     "poke": prompt((1, 114)),
 }
 FILLERS = [prompt((1500, 120 + i)) for i in range(4)]
@@ -101,6 +103,8 @@ class CacheRun:
     logs: dict[str, Path] = field(default_factory=dict)
     drained: dict[str, bool] = field(default_factory=dict)
     served_after_fault: bool = False
+    pushed: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per PD request: (bytes P sent, tokens P pushed), from P's counters."""
 
 
 def send(server: VLLMServer, model: str, name: str, tokens: list[int], base: str = "") -> Sent:
@@ -275,7 +279,10 @@ def cache_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             run.sent["w3-evict-b"] = send(w3, model, "evict-b", PROMPTS["evict-b"])
             proxy = Proxy(p.address, f"{w3.address},kv={d_kv}", root / "proxy.log").wait_ready()
             for name in ("pd-a", "pd-b"):
+                before = scrape(p)
                 run.sent[f"p-{name}"] = send(p, model, name, PROMPTS[name], base=proxy.url)
+                assert wait_for(lambda b=before: min(pushed(scrape(p), b)) > 0, 30)
+                run.pushed[name] = pushed(scrape(p), before)
             run.drained["w3"], run.metrics["w3"] = drain(w3, model)
             run.drained["p"], run.metrics["p"] = drain(p, model)
         finally:
@@ -286,6 +293,14 @@ def cache_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         redis_server.stop()
     yield run
+
+
+def pushed(text: str, before: str) -> tuple[float, float]:
+    """(bytes sent, tokens pushed) by P between two scrapes (counted once a push settled)."""
+    return tuple(  # type: ignore[return-value]
+        metric_sum(text, name) - metric_sum(before, name)
+        for name in ("lmcache_disagg_bytes_sent_total", "lmcache_disagg_tokens_pushed_total")
+    )
 
 
 def same(run: CacheRun, key: str, name: str) -> None:
@@ -358,6 +373,16 @@ def test_pd_second_request_computes_only_the_new_chunks_on_p(cache_run: CacheRun
     assert second.external >= 1000 - BLOCK
     assert second.local_compute <= len(PROMPTS["pd-b"]) - (1000 - BLOCK)
     same(cache_run, "p-pd-a", "pd-a")
+    same(cache_run, "p-pd-b", "pd-b")
+
+
+def test_pd_second_request_pushes_only_the_chunks_d_lacks(cache_run: CacheRun) -> None:
+    (bytes_a, tokens_a), (bytes_b, tokens_b) = cache_run.pushed["pd-a"], cache_run.pushed["pd-b"]
+    per_token = bytes_a / tokens_a  # the first push sent every chunk
+    assert bytes_a > 0 and tokens_a > 0
+    chunk = LMCacheDisaggConfig().chunk_size
+    shared = (PREFIX_PD // chunk) * chunk  # whole chunks of the shared prefix D already holds
+    assert 0 < bytes_b <= (tokens_b - shared) * per_token
     same(cache_run, "p-pd-b", "pd-b")
 
 
