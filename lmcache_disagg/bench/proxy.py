@@ -38,7 +38,7 @@ from lmcache_disagg.bench.cluster import (
     wait_http,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "router_binary"]
 
 CACHE_AWARE = "lmcache-disagg-proxy cache_aware (workers=1)"
 _PROMPT = "The quick brown fox jumps over the lazy dog while the proxy routes prefill and decode"
@@ -67,7 +67,7 @@ def _load(
     return result
 
 
-def _router_binary() -> str | None:
+def router_binary() -> str | None:
     local = Path(sys.executable).parent / "vllm-router"
     if local.exists():
         return str(local)
@@ -131,7 +131,7 @@ def _throughput(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             procs.append(proxy)
             _wait_generate(f"127.0.0.1:{port}", proxy)
             targets[CACHE_AWARE] = f"127.0.0.1:{port}"
-        router = _router_binary() if not args.no_router else None
+        router = router_binary() if not args.no_router else None
         if router is not None:
             port = free_port()
             proc = Proc(

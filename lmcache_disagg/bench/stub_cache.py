@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from lmcache_disagg.keys import chain_root, chunk_keys
@@ -20,12 +21,19 @@ from lmcache_disagg.proxy.tokenizer import PromptTokenizer
 from lmcache_disagg.transfer.event_publisher import KVEventPublisher, PublisherSettings
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
-__all__ = ["STUB_FINGERPRINT", "StubCache"]
+__all__ = ["STUB_FINGERPRINT", "StubCache", "StubHit"]
 
 STUB_FINGERPRINT = LayoutFingerprint(
     model="stub-model", dtype="bfloat16", num_layers=2, num_kv_heads=2, head_dim=64,
     chunk_size=16, tp_rank=0, tp_size=1,
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StubHit:
+    cached_tokens: int
+    """Leading prompt tokens found in the cache (whole chunks, capped at the prompt)."""
+    prompt_tokens: int
 
 
 class StubCache:
@@ -48,8 +56,7 @@ class StubCache:
     def close(self) -> None:
         self.publisher.close()
 
-    def serve(self, body: Mapping[str, Any]) -> int | None:
-        """Cached leading tokens of this request's prompt (None: not tokenizable); then stores it."""
+    def _lookup(self, body: Mapping[str, Any]) -> tuple[list[bytes], StubHit] | None:
         ids = self._tokenizer.request_tokens(body)
         if not ids:
             return None
@@ -59,6 +66,19 @@ class StubCache:
             if key not in self._keys:
                 break
             hit += 1
+        return keys, StubHit(min(hit * STUB_FINGERPRINT.chunk_size, len(ids)), len(ids))
+
+    def peek(self, body: Mapping[str, Any]) -> StubHit | None:
+        """What :meth:`serve` would hit, without touching or storing anything (None: untokenizable)."""
+        found = self._lookup(body)
+        return found[1] if found is not None else None
+
+    def serve(self, body: Mapping[str, Any]) -> StubHit | None:
+        """This request's cached leading tokens (None: not tokenizable); then stores its prompt."""
+        found = self._lookup(body)
+        if found is None:
+            return None
+        keys, hit = found
         stored = [key for key in keys if key not in self._keys]
         for key in keys:
             self._keys[key] = None
@@ -71,7 +91,7 @@ class StubCache:
         stored = [key for key in stored if key in self._keys]
         if stored:
             self.publisher.stored(stored, "l1")
-        return min(hit * STUB_FINGERPRINT.chunk_size, len(ids))
+        return hit
 
     def forget(self) -> int:
         """Drop every key without telling anyone (a stale index for tests); returns how many."""

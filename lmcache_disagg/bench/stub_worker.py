@@ -17,7 +17,14 @@ token), ``die`` (die mid-stream / mid-body), ``unhealthy`` (``/health`` answers 
 
 With ``--kv-events tcp://HOST:PORT --tokenizer DIR`` it keeps a chunk-key cache and publishes
 real KV events (:mod:`.stub_cache`); ``cached_tokens`` is then its own hit plus what P pushed, and
-``POST /stub/fault {"forget_cache": true}`` empties the cache without telling the proxy.
+``POST /stub/fault {"forget_cache": true}`` empties the cache without telling the proxy, and
+``POST /stub/peek`` with a request body answers ``{"cached_tokens", "prompt_tokens"}`` without
+storing anything (the routing bench's oracle reads every cache exactly this way).
+
+A cost model (``--prefill-fixed-ms``, ``--prefill-us-per-token``, ``--decode-ms-per-token``; all
+0 by default) makes the stub take time like an engine: prefills run one at a time on one lane,
+each taking the fixed cost plus the per-token cost of every prompt token it did not have cached,
+and decoding (concurrent, as in a batch) takes the per-token cost for every answer token.
 
 Introspection for tests: ``GET /stub/log`` returns the recent requests (bounded) and events such as
 ``cancelled`` (the client - i.e. the proxy - closed the connection while the request was running).
@@ -31,6 +38,7 @@ import random
 import signal
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -47,7 +55,7 @@ from lmcache_disagg.bench.stub_http import (
 if TYPE_CHECKING:
     from lmcache_disagg.bench.stub_cache import StubCache
 
-__all__ = ["FAULTS", "StubWorker", "main"]
+__all__ = ["FAULTS", "CostModel", "StubWorker", "main"]
 
 FAULTS = ("none", "500", "400", "hang", "reset", "slow", "die", "unhealthy")
 _LOG_LIMIT = 512
@@ -77,6 +85,24 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class CostModel:
+    """How long a stub takes, like an engine (all zero: answer at once)."""
+
+    prefill_fixed_ms: float = 0.0
+    prefill_us_per_token: float = 0.0
+    """Per prompt token the stub did not have cached."""
+    decode_ms_per_token: float = 0.0
+
+    def validate(self) -> None:
+        costs = (self.prefill_fixed_ms, self.prefill_us_per_token, self.decode_ms_per_token)
+        if any(not 0 <= c < 1e6 for c in costs):
+            raise ValueError("cost model values must be >= 0")
+
+    def prefill_s(self, uncached_tokens: int) -> float:
+        return (self.prefill_fixed_ms + self.prefill_us_per_token * uncached_tokens / 1e3) / 1e3
+
+
 class StubWorker:
     """State of one stub worker process. All methods run in the event loop."""
 
@@ -91,8 +117,12 @@ class StubWorker:
         report_cached: bool = False,
         seed: int = 0,
         cache: StubCache | None = None,
+        cost: CostModel | None = None,
     ) -> None:
         self.cache = cache
+        self.cost = cost or CostModel()
+        self.cost.validate()
+        self.prefill_lane = asyncio.Lock()
         self.role = role
         self.port = port
         self.model = model
@@ -162,6 +192,18 @@ class StubWorker:
                 self.model = str(spec["model"])
             resp.send(200, b"{}")
             return
+        if path == "/stub/peek":
+            hit = self.cache.peek(orjson.loads(req.body)) if self.cache is not None else None
+            if hit is None:
+                resp.send(404, b'{"error":{"message":"no cache, or the body is not tokenizable"}}')
+            else:
+                resp.send(
+                    200,
+                    orjson.dumps(
+                        {"cached_tokens": hit.cached_tokens, "prompt_tokens": hit.prompt_tokens}
+                    ),
+                )
+            return
         if path == "/stub/clear":
             self.log.clear()
             self.events.clear()
@@ -211,8 +253,12 @@ class StubWorker:
         if fault == "reset":
             resp.abort(reset=True)
             return
-        n_prompt = _prompt_tokens(body)
-        cached_here = self.cache.serve(body) if self.cache is not None else None
+        hit = self.cache.serve(body) if self.cache is not None else None
+        n_prompt = hit.prompt_tokens if hit is not None else _prompt_tokens(body)
+        cached_here = hit.cached_tokens if hit is not None else None
+        if self.cost.prefill_fixed_ms or self.cost.prefill_us_per_token:
+            async with self.prefill_lane:
+                await asyncio.sleep(self.cost.prefill_s(n_prompt - (cached_here or 0)))
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         cid = ("chatcmpl-" if chat else "cmpl-") + (rid or "x")
@@ -295,6 +341,8 @@ class StubWorker:
         )
         if fault == "slow":
             await asyncio.sleep(self.slow_delay * max_tokens)
+        if self.cost.decode_ms_per_token:
+            await asyncio.sleep(self.cost.decode_ms_per_token * max_tokens / 1e3)
         if fault == "die":
             resp.start_stream(200, content_type=b"application/json", first_chunk=payload[:20])
             await asyncio.sleep(0.01)
@@ -343,6 +391,8 @@ class StubWorker:
                 return
             if fault == "slow":
                 await asyncio.sleep(self.slow_delay)
+            if self.cost.decode_ms_per_token and t:
+                await asyncio.sleep(self.cost.decode_ms_per_token / 1e3)
             last = t == max_tokens - 1
             for i in range(n):
                 choice: dict[str, Any] = {
@@ -379,6 +429,7 @@ async def _amain(args: argparse.Namespace) -> None:
         report_cached=args.report_cached,
         seed=args.seed,
         cache=cache,
+        cost=CostModel(args.prefill_fixed_ms, args.prefill_us_per_token, args.decode_ms_per_token),
     )
     sock = make_listen_socket(args.host, args.port)
     server = await serve(worker.handle, sock, ServerLimits(keep_alive_timeout=300.0))
@@ -411,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", metavar="DIR", help="with --kv-events: the tokenizer")
     parser.add_argument("--cache-chunks", type=int, default=4096)
+    parser.add_argument("--prefill-fixed-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--prefill-us-per-token", type=float, default=0.0, help="per uncached prompt token"
+    )
+    parser.add_argument("--decode-ms-per-token", type=float, default=0.0)
     args = parser.parse_args(argv)  # fmt: skip
     try:
         import uvloop
