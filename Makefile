@@ -70,6 +70,9 @@ bench: setup
 	$(BIN)/lmcache-disagg bench proxy --json | tee bench-results/proxy.txt
 	$(BIN)/lmcache-disagg bench e2e --json | tee bench-results/e2e.txt
 	$(BIN)/lmcache-disagg bench cache --json | tee bench-results/cache.txt
+	$(BIN)/lmcache-disagg bench routing --json | tee bench-results/routing.txt
+	$(BIN)/lmcache-disagg bench routing --simulate --json | tee bench-results/routing-simulated.txt
+	$(BIN)/lmcache-disagg bench proxy --cache-aware .models/tiny-f32 --no-router --json | tee bench-results/proxy-cache-aware.txt
 
 lint: setup
 	$(BIN)/ruff check $(PACKAGE_DIRS) tests
