@@ -10,9 +10,16 @@
 * :meth:`DiskTier.start` rebuilds the index from the files' headers (and token ids) only; a file
   that is short, of another layout or otherwise malformed is deleted and counted. Every read
   verifies the whole record (checksum); a bad file is deleted and counted too.
+* KV events: the listener hears of every change to the index, so the published L2 key set is
+  what a lookup can find here: ``stored`` for a finished write and for the chunks indexed at start
+  (a restarted worker's disk is routable), ``evicted`` for an indexed chunk that leaves it (the
+  size budget, a bad file, a file another process deleted). Files that are not in the index
+  (another rank's or model's, a same-layout file this store never indexed) are never announced:
+  they are not part of what this worker's fingerprint can serve.
 
 Called from the store's writer thread (writes) and from callers' threads (reads); one lock guards
-the index, never held across file I/O.
+the index, never held across file I/O. The listener is called under that lock, so the order of
+its calls is the order of the index changes; it only records (see :mod:`.listener`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from lmcache_disagg.transfer.store.format import (
     header_tokens,
     verify_record,
 )
+from lmcache_disagg.transfer.store.listener import TIER_NAMES, NullStoreListener, StoreListener
 from lmcache_disagg.transfer.store.metrics import StoreMetrics
 from lmcache_disagg.transfer.store.tier import Tier
 
@@ -47,6 +56,7 @@ _TMP_SUFFIX = ".tmp"
 _TMP_GRACE = 60.0
 # Eviction frees 1/_HEADROOM of the limit beyond the bytes it needs.
 _HEADROOM = 32
+_TIER_NAME = TIER_NAMES[Tier.L2]
 
 
 @dataclass(slots=True)
@@ -74,6 +84,7 @@ class DiskTier:
         metrics: StoreMetrics,
         fsync: bool = False,
         scan_interval: float = 2.0,
+        listener: StoreListener | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.capacity_bytes = capacity_bytes
@@ -84,6 +95,7 @@ class DiskTier:
         self._metrics = metrics
         self._fsync = fsync
         self._scan_interval = scan_interval
+        self._listener: StoreListener = listener if listener is not None else NullStoreListener()
         self._lock = threading.Lock()
         self._index: dict[bytes, _DiskEntry] = {}
         self._children: dict[bytes, set[bytes]] = {}
@@ -111,6 +123,7 @@ class DiskTier:
         started = time.monotonic()
         files = self._scan()
         head_bytes = HEADER_SIZE + 4 * self._chunk_size
+        found: list[tuple[bytes, _DiskEntry]] = []
         for item in files:
             if item.name.startswith(".") and item.name.endswith(_TMP_SUFFIX):
                 self._remove_stale_temp(item.name)
@@ -140,7 +153,8 @@ class DiskTier:
             except RecordError as exc:
                 self._discard_path(path, key, exc.reason, str(exc))
                 continue
-            self._add(key, header.parent, tokens, item.size)
+            found.append((key, _DiskEntry(item.size, header.parent, tokens)))
+        self._add(found)  # announced in one event: what a restarted worker can serve from disk
         with self._lock:
             self._used = sum(f.size for f in self._scan())
             self._last_scan = time.monotonic()
@@ -177,21 +191,33 @@ class DiskTier:
             pass
 
     # -- index -------------------------------------------------------------------------------
-    def _add(self, key: bytes, parent: bytes, tokens: tuple[int, ...], size: int) -> None:
+    def _add(self, entries: Sequence[tuple[bytes, _DiskEntry]]) -> None:
+        """Index ``entries`` and announce them as stored in L2."""
+        if not entries:
+            return
         with self._lock:
-            self._index[key] = _DiskEntry(size, parent, tokens)
-            self._children.setdefault(parent, set()).add(key)
+            for key, entry in entries:
+                self._index[key] = entry
+                self._children.setdefault(entry.parent, set()).add(key)
+            self._listener.stored([key for key, _ in entries], _TIER_NAME)
 
-    def _forget(self, key: bytes) -> _DiskEntry | None:
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        """Drop ``keys`` from the index; those that were in it are announced as evicted from L2
+        (a key never indexed was never announced, so it is not announced now either)."""
         with self._lock:
-            entry = self._index.pop(key, None)
-            if entry is not None:
+            gone: list[bytes] = []
+            for key in keys:
+                entry = self._index.pop(key, None)
+                if entry is None:
+                    continue
+                gone.append(key)
                 siblings = self._children.get(entry.parent)
                 if siblings is not None:
                     siblings.discard(key)
                     if not siblings:
                         del self._children[entry.parent]
-            return entry
+            if gone:
+                self._listener.evicted(gone, _TIER_NAME)
 
     def contains(self, key: bytes) -> bool:
         with self._lock:
@@ -228,7 +254,7 @@ class DiskTier:
             with open(path, "rb") as handle:
                 record = handle.read()
         except FileNotFoundError:
-            self._forget(key)
+            self._forget([key])
             raise RecordError("missing", f"{path.name} was deleted") from None
         except OSError as exc:
             self._fault("io_error", f"cannot read {path}: {exc}")
@@ -245,7 +271,7 @@ class DiskTier:
 
     def _discard_path(self, path: Path, key: bytes | None, reason: str, message: str) -> None:
         if key is not None:
-            self._forget(key)
+            self._forget([key])
         try:
             size = path.stat().st_size
             os.unlink(path)
@@ -289,7 +315,7 @@ class DiskTier:
             else:
                 self._fault("io_error", f"cannot write {final.name}: {exc}")
             return False
-        self._add(key, parent, tokens, size)
+        self._add([(key, _DiskEntry(size, parent, tokens))])
         with self._lock:
             self._used += size
         self._metrics.count("written_bytes", Tier.L2, size)
@@ -318,8 +344,7 @@ class DiskTier:
         present = {f.name for f in files}
         with self._lock:
             gone = [k for k in self._index if self.path_of(k).name not in present]
-        for key in gone:
-            self._forget(key)
+        self._forget(gone)  # e.g. evicted by another rank's share of the size budget
         with self._lock:
             self._used = sum(f.size for f in files)
             self._last_scan = time.monotonic()
@@ -337,6 +362,7 @@ class DiskTier:
         files = sorted(self._scan(), key=lambda f: f.mtime)
         used = sum(f.size for f in files)
         evicted = 0
+        ours: list[bytes] = []
         # Free a little more than needed, so a full directory is not rescanned on every write.
         need = min(self.capacity_bytes, need + self.capacity_bytes // _HEADROOM)
         young = time.time() - _TMP_GRACE
@@ -355,8 +381,9 @@ class DiskTier:
             used -= item.size
             key = self._key_of(item.name)
             if key is not None:
-                self._forget(key)
+                ours.append(key)
             evicted += 1
+        self._forget(ours)  # announced only for what this store indexed (and so announced)
         with self._lock:
             self._used = used
             self._last_scan = time.monotonic()

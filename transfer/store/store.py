@@ -117,6 +117,7 @@ class ChunkStore:
                 self._metrics,
                 fsync=settings.local_disk_fsync == "always",
                 scan_interval=settings.disk_scan_interval,
+                listener=self._listener,  # L2 announces its own index changes
             )
         self._remote: RemoteTier | None = None
         if settings.l3_enabled and settings.remote_url:
@@ -747,12 +748,8 @@ class ChunkStore:
                     self._unpin_job_locked(job)
                     job.record = b""  # the pin is gone: error paths must not unpin again
                     self._publish_l1()
-        if (
-            job.to_disk
-            and self._disk is not None
-            and self._disk.write(job.key, job.parent, job.token_ids, record)
-        ):
-            self._listener.stored([job.key], "l2")
+        if job.to_disk and self._disk is not None:
+            self._disk.write(job.key, job.parent, job.token_ids, record)  # announces "stored"
         # L3: submitted, not yet acknowledged; a failed write leaves the index stale (slower only).
         if (
             job.to_remote
