@@ -9,8 +9,9 @@ request and on its event loop:
 3. :meth:`KVRouting.skip_prefill` - whether D holds all but a few chunks (conditional
    disaggregation), counted by reason;
 4. :meth:`KVRouting.observe` - after the answer, the predicted and actual hit tokens of D (actual
-   from the response's ``usage.prompt_tokens_details.cached_tokens`` minus what P pushed), whose gap
-   shows when the index is stale.
+   from D's ``usage.prompt_tokens_details.cached_tokens`` minus what P pushed: in a JSON answer, or
+   in the usage event of a stream, which :mod:`.pd` asks D for and drops again when the client did
+   not ask for it), whose gap shows when the index is stale.
 
 :meth:`KVRouting.stats` is what the proxy's metrics export. Event source specs on the command line
 are ``WORKER=tcp://HOST:PORT`` (``WORKER`` as given in ``--prefill``/``--decode``; the snapshot
@@ -33,6 +34,7 @@ from lmcache_disagg.proxy.kvevents import EventSource, KVEventSubscriber
 from lmcache_disagg.proxy.kvindex import KVIndex
 from lmcache_disagg.proxy.kvsync import SyncSettings, SyncState
 from lmcache_disagg.proxy.tokenizer import PromptTokenizer
+from lmcache_disagg.proxy.usage import cached_tokens_of
 from lmcache_disagg.transfer.event_publisher import snapshot_endpoint_for
 from lmcache_disagg.transfer.events import DEFAULT_EVENTS_PORT
 
@@ -104,10 +106,7 @@ def reported_cached_tokens(body: bytes) -> int | None:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
+    return cached_tokens_of(obj.get("usage") if isinstance(obj, dict) else None)
 
 
 def tokenizer_dir_from_models(models: Any) -> str | None:
