@@ -16,6 +16,22 @@ request and on its event loop:
 :meth:`KVRouting.stats` is what the proxy's metrics export. Event source specs on the command line
 are ``WORKER=tcp://HOST:PORT`` (``WORKER`` as given in ``--prefill``/``--decode``; the snapshot
 endpoint defaults to port + 1, or add ``,snapshot=tcp://HOST:PORT``).
+
+With ``--workers N`` each proxy process builds its own :class:`KVRouting` (the app factory runs in
+every process): its own tokenizer, index and subscriber thread. Every subscriber connects a SUB
+socket to each worker's PUB endpoint, and PUB sends each message to every subscriber, so every
+process applies every event and holds the full index; a process that has to resync asks the
+worker's ROUTER for a snapshot itself (the reply goes back to the asking DEALER only). What is
+per process:
+
+* outstanding tokens (the load term and the imbalance bound) count only the requests this process
+  serves, so with N processes the holder of a hot prefix can take up to N times the bound;
+* the ``decisions`` and hit-token counters; Prometheus sums them over the processes, as it does the
+  event, loss, resync and invalid-message counters, which therefore count each published event
+  once per process. The index and source-state gauges are the largest of any live process.
+
+The sources are fixed at start in every process: a worker added later through ``/workers`` has
+no event subscription, so the index never lists it and it is chosen by load alone.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,34 @@ def test_streamed_answers_measure_actual_hits_and_keep_the_clients_stream(
     assert _same_time(_stream(plain, "s-2")) == _same_time(second)
     reference = sse_events(_stream(plain, "s-3", stream_options={"include_usage": True}))
     assert reference[-1] == "[DONE]" and _timeless(reference[:-2]) == _timeless(asked[:-2])
+
+
+def test_every_process_of_a_multiprocess_proxy_routes_by_the_full_index(
+    cache_cluster: tuple[Cluster, dict[str, str]],
+) -> None:
+    """--workers 2: each process subscribes to every worker's events itself, so requests on
+    either process go to the D that holds the prefix."""
+    cluster, events = cache_cluster
+    proxy = cluster.proxy(("p0",), ("d0", "d1"), [*_cache_aware_flags(events), "--workers", "2"])
+    # Counters add up over the processes: 6 resyncs = both processes synced all three sources.
+    assert wait_for(lambda: proxy.metric("lmcache_proxy_kv_resyncs_total") >= 6, timeout=15)
+    assert proxy.post("/v1/chat/completions", _chat(PROMPT)).status_code == 200
+    holder = _holder(cluster)
+    # P and the holder each published one stored event; both processes applied both.
+    assert wait_for(lambda: proxy.metric("lmcache_proxy_kv_events_received_total") >= 4, timeout=10)
+    # Request ids start with a per-process prefix. Both processes accept from one listening
+    # socket, and which one takes a connection is up to the kernel: send concurrent batches (a
+    # new connection each) until both have served some. At most 3 others in flight on one
+    # process keep the holder's load term (0.25 x 217 tokens each) below the 208 cached tokens.
+    processes: set[str] = set()
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(50):
+            codes = pool.map(lambda _: proxy.post("/v1/chat/completions", _chat(PROMPT)), range(4))
+            assert [c.status_code for c in codes] == [200] * 4
+            processes = {r["request_id"].rpartition("-")[0] for r in cluster[holder].requests()[1:]}
+            if len(processes) == 2:
+                break
+    assert len(processes) == 2, "both processes served requests"
+    served = len(cluster[holder].requests())
+    assert served > 1 and not cluster["d1" if holder == "d0" else "d0"].requests()
+    assert len(cluster["p0"].requests()) == 1, "P skipped on both processes"
