@@ -9,12 +9,29 @@ request and on its event loop:
 3. :meth:`KVRouting.skip_prefill` - whether D holds all but a few chunks (conditional
    disaggregation), counted by reason;
 4. :meth:`KVRouting.observe` - after the answer, the predicted and actual hit tokens of D (actual
-   from the response's ``usage.prompt_tokens_details.cached_tokens`` minus what P pushed), whose gap
-   shows when the index is stale.
+   from D's ``usage.prompt_tokens_details.cached_tokens`` minus what P pushed: in a JSON answer, or
+   in the usage event of a stream, which :mod:`.pd` asks D for and drops again when the client did
+   not ask for it), whose gap shows when the index is stale.
 
 :meth:`KVRouting.stats` is what the proxy's metrics export. Event source specs on the command line
 are ``WORKER=tcp://HOST:PORT`` (``WORKER`` as given in ``--prefill``/``--decode``; the snapshot
 endpoint defaults to port + 1, or add ``,snapshot=tcp://HOST:PORT``).
+
+With ``--workers N`` each proxy process builds its own :class:`KVRouting` (the app factory runs in
+every process): its own tokenizer, index and subscriber thread. Every subscriber connects a SUB
+socket to each worker's PUB endpoint, and PUB sends each message to every subscriber, so every
+process applies every event and holds the full index; a process that has to resync asks the
+worker's ROUTER for a snapshot itself (the reply goes back to the asking DEALER only). What is
+per process:
+
+* outstanding tokens (the load term and the imbalance bound) count only the requests this process
+  serves, so with N processes the holder of a hot prefix can take up to N times the bound;
+* the ``decisions`` and hit-token counters; Prometheus sums them over the processes, as it does the
+  event, loss, resync and invalid-message counters, which therefore count each published event
+  once per process. The index and source-state gauges are the largest of any live process.
+
+The sources are fixed at start in every process: a worker added later through ``/workers`` has
+no event subscription, so the index never lists it and it is chosen by load alone.
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ from lmcache_disagg.proxy.kvevents import EventSource, KVEventSubscriber
 from lmcache_disagg.proxy.kvindex import KVIndex
 from lmcache_disagg.proxy.kvsync import SyncSettings, SyncState
 from lmcache_disagg.proxy.tokenizer import PromptTokenizer
+from lmcache_disagg.proxy.usage import cached_tokens_of
 from lmcache_disagg.transfer.event_publisher import snapshot_endpoint_for
 from lmcache_disagg.transfer.events import DEFAULT_EVENTS_PORT
 
@@ -104,10 +122,7 @@ def reported_cached_tokens(body: bytes) -> int | None:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
+    return cached_tokens_of(obj.get("usage") if isinstance(obj, dict) else None)
 
 
 def tokenizer_dir_from_models(models: Any) -> str | None:

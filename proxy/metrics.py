@@ -110,7 +110,7 @@ class ProxyMetrics:
         )  # fmt: skip
         self.actual_hit_tokens = Histogram(
             "lmcache_proxy_actual_hit_tokens",
-            "Per request: D's reported cached tokens minus those P pushed (non-streamed answers)",
+            "Per request: D's reported cached tokens minus those P pushed",
             buckets=_TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
         self.cache_aware_decisions = Counter(

@@ -13,6 +13,12 @@ Order of events for one request:
 3. decode on D with the original request plus P's returned params verbatim; a D failure before its
    first byte is retried once on another D (which prefills locally, or gets a fresh push);
 4. stream D's answer back (usage fixed); a failure after the first byte becomes an SSE error event.
+
+Under ``cache_aware`` routing, D's reported ``cached_tokens`` (minus what P pushed) is the actual
+hit that the prediction is compared with: read from D's JSON answer, or from the usage event of its
+stream. A streamed request whose client did not ask for that event gets
+``stream_options.include_usage`` added on its way to D, and the relay drops the event again, so the
+client receives the stream it asked for.
 """
 
 from __future__ import annotations
@@ -109,6 +115,8 @@ class RequestContext:
     """cache_aware: the prompt as the workers will tokenize it (None: not predictable)."""
     predicted_hit_tokens: int | None = None
     """cache_aware: the chosen D's cached prefix according to the index."""
+    usage_injected: bool = False
+    """cache_aware, streamed: the proxy added ``include_usage`` for D; the relay drops the event."""
     status: int = 0
     error: str | None = None
 
@@ -290,6 +298,8 @@ class PDFlow:
         body = ctx.body
         if params is not None:
             body[kv_params.KV_TRANSFER_PARAMS] = params
+        if ctx.stream and ctx.predicted_hit_tokens is not None:
+            self._ask_for_usage(ctx)
         headers = self._headers(ctx)
         tried: list[Worker] = []
         worker: Worker | None = decode
@@ -345,9 +355,21 @@ class PDFlow:
             raise last_error
         raise NoWorkerAvailable("no healthy decode worker")
 
-    def _observe_actual(self, ctx: RequestContext, data: bytes) -> None:
+    @staticmethod
+    def _ask_for_usage(ctx: RequestContext) -> None:
+        """Streamed cache_aware request: have D end its stream with the usage event (its
+        ``cached_tokens`` is the actual hit). A client that asked for usage gets it anyway. One
+        that set ``continuous_usage_stats`` is left alone: with ``include_usage`` vLLM would put
+        usage into every chunk the client gets, so the proxy only reads whatever usage comes."""
+        options = ctx.body.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        if options.get("include_usage") or options.get("continuous_usage_stats"):
+            return
+        ctx.body["stream_options"] = {**options, "include_usage": True}
+        ctx.usage_injected = True
+
+    def _observe_actual(self, ctx: RequestContext, reported: int | None) -> None:
         """cache_aware: what D really had cached (its report, minus what P pushed to it)."""
-        reported = reported_cached_tokens(data)
         if reported is None or self._kv is None:
             return
         actual = max(reported - (ctx.pushed_tokens or 0), 0)
@@ -406,7 +428,7 @@ class PDFlow:
         if not ctx.stream:
             up.aclose()  # read to its end: the connection goes back to the pool
             if ctx.predicted_hit_tokens is not None:
-                self._observe_actual(ctx, data)
+                self._observe_actual(ctx, reported_cached_tokens(data))
             data = patch_json_body(data, ctx.pushed_tokens, ctx.prefill_prompt_tokens)
             return Reply(up.status, data, self._resp_headers(ctx))
         return Reply(
@@ -422,14 +444,8 @@ class PDFlow:
     ) -> AsyncGenerator[bytes, None]:
         """D's SSE, chunk by chunk. Errors here can only be reported in-band. Owns ``up``."""
         try:
-            options = ctx.body.get("stream_options")
-            patcher: SSEUsagePatcher | None = None
-            if (
-                isinstance(options, dict)
-                and options.get("include_usage")
-                and (ctx.pushed_tokens is not None or ctx.prefill_prompt_tokens is not None)
-            ):
-                patcher = SSEUsagePatcher(ctx.pushed_tokens, ctx.prefill_prompt_tokens)
+            patcher = self._usage_patcher(ctx)
+            if patcher is not None:
                 first = patcher.feed(first)
             if first:
                 yield first
@@ -453,11 +469,35 @@ class PDFlow:
                 yield tail + b"data: " + event + b"\n\n"
                 return
             if patcher is not None:
+                if ctx.predicted_hit_tokens is not None:
+                    self._observe_actual(ctx, patcher.reported_cached)
                 tail = patcher.flush()
                 if tail:
                     yield tail
         finally:
             up.aclose()
+
+    @staticmethod
+    def _usage_patcher(ctx: RequestContext) -> SSEUsagePatcher | None:
+        """What the relay needs from D's usage event: a fix (the client asked for usage), a read
+        (cache_aware's actual hit) and the event dropped (the proxy asked for it); None: nothing,
+        D's bytes go through untouched."""
+        options = ctx.body.get("stream_options")
+        client_usage = (
+            not ctx.usage_injected
+            and isinstance(options, dict)
+            and bool(options.get("include_usage"))
+        )
+        fix = client_usage and (
+            ctx.pushed_tokens is not None or ctx.prefill_prompt_tokens is not None
+        )
+        if not (fix or ctx.usage_injected or ctx.predicted_hit_tokens is not None):
+            return None
+        return SSEUsagePatcher(
+            ctx.pushed_tokens if fix else None,
+            ctx.prefill_prompt_tokens if fix else None,
+            strip_usage_event=ctx.usage_injected,
+        )
 
     @staticmethod
     def _resp_headers(ctx: RequestContext) -> tuple[tuple[bytes, bytes], ...]:

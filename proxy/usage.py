@@ -3,6 +3,9 @@
 ``cached_tokens`` counts the prompt tokens D did not compute. D's own report wins; when D has none
 (e.g. vLLM without ``--enable-prompt-tokens-details``) the proxy uses ``lmcache_num_tokens``, the
 count of tokens whose KV P pushed, taken from P's returned ``kv_transfer_params``.
+
+D's own report is also what ``cache_aware`` routing measures its actual hit tokens by
+(:func:`cached_tokens_of`), in JSON answers and in the usage event of a stream.
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ from typing import Any
 
 import orjson
 
-__all__ = ["SSEUsagePatcher", "fix_usage", "patch_json_body"]
+__all__ = ["SSEUsagePatcher", "cached_tokens_of", "fix_usage", "patch_json_body"]
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+
+
+def cached_tokens_of(usage: Any) -> int | None:
+    """``prompt_tokens_details.cached_tokens`` of a usage object, if it has one."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) else None
 
 
 def fix_usage(usage: Any, pushed_tokens: int | None, prefill_prompt_tokens: int | None) -> bool:
@@ -60,22 +70,44 @@ def patch_json_body(
 
 
 class SSEUsagePatcher:
-    """Streaming: re-frames D's SSE bytes on event boundaries and fixes events carrying usage.
+    """Streaming: re-frames D's SSE bytes on event boundaries and handles the events with usage.
 
-    Only used when the client asked for usage (``stream_options.include_usage``) and there is
-    something to fix; otherwise the proxy forwards D's bytes untouched. Bounded: an event larger
-    than ``max_event`` bytes is passed through unparsed.
+    Its jobs, each optional:
+
+    * fix ``usage`` as :func:`fix_usage` does, when the client asked for usage
+      (``stream_options.include_usage``) and ``pushed_tokens`` or ``prefill_prompt_tokens`` is
+      known;
+    * remember D's own ``cached_tokens`` (:attr:`reported_cached`, from the last event with usage),
+      which ``cache_aware`` routing compares with its prediction;
+    * with ``strip_usage_event``, drop the usage-only event (``"choices": []`` plus ``usage``):
+      the proxy asked D for it and the client did not.
+
+    Only the bytes of an unfinished event are held back (a client cannot use them before the
+    event's end either); each feed returns every event it completed, byte for byte as D sent it
+    except a fixed or dropped usage event. Without any of the jobs the proxy forwards D's bytes
+    untouched instead. Bounded: an event larger than ``max_event`` bytes is passed through
+    unparsed.
     """
 
-    __slots__ = ("_max_event", "_pending", "_prefill_prompt", "_pushed")
+    __slots__ = ("_fix", "_max_event", "_pending", "_prefill_prompt", "_pushed", "_strip",
+                 "reported_cached")  # fmt: skip
 
     def __init__(
-        self, pushed_tokens: int | None, prefill_prompt_tokens: int | None, max_event: int = 1 << 20
+        self,
+        pushed_tokens: int | None,
+        prefill_prompt_tokens: int | None,
+        max_event: int = 1 << 20,
+        *,
+        strip_usage_event: bool = False,
     ) -> None:
         self._pushed = pushed_tokens
         self._prefill_prompt = prefill_prompt_tokens
+        self._fix = pushed_tokens is not None or prefill_prompt_tokens is not None
+        self._strip = strip_usage_event
         self._pending = b""
         self._max_event = max_event
+        self.reported_cached: int | None = None
+        """D's ``cached_tokens`` in the last usage seen so far (None: none reported)."""
 
     def feed(self, data: bytes) -> bytes:
         """Bytes that are ready to forward now (whole events only)."""
@@ -97,16 +129,32 @@ class SSEUsagePatcher:
         return rest
 
     def _patch(self, ready: bytes) -> bytes:
+        # ``ready`` ends with an event's end, so the split's last item is empty and joining the
+        # kept items puts every other separator back where it was.
         events = ready.split(b"\n\n")
-        for i, event in enumerate(events):
-            if not event.startswith(b"data: {") or not any(m in event for m in _USAGE_MARKERS):
-                continue
-            try:
-                obj = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict) and fix_usage(
-                obj.get("usage"), self._pushed, self._prefill_prompt
-            ):
-                events[i] = b"data: " + orjson.dumps(obj)
-        return b"\n\n".join(events)
+        kept: list[bytes] = []
+        for event in events:
+            if event.startswith(b"data: {") and any(m in event for m in _USAGE_MARKERS):
+                event = self._usage_event(event)
+                if not event:
+                    continue
+            kept.append(event)
+        return b"\n\n".join(kept)
+
+    def _usage_event(self, event: bytes) -> bytes:
+        """The event to forward in place of ``event`` (empty: drop it)."""
+        try:
+            obj = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return event
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if not isinstance(usage, dict):
+            return event
+        cached = cached_tokens_of(usage)
+        if cached is not None:
+            self.reported_cached = cached
+        if self._strip and obj.get("choices") == []:
+            return b""
+        if self._fix and fix_usage(usage, self._pushed, self._prefill_prompt):
+            return b"data: " + orjson.dumps(obj)
+        return event

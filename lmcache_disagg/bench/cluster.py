@@ -18,7 +18,15 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Proc", "free_port", "rss_bytes", "start_proxy", "start_stub", "wait_http"]
+__all__ = [
+    "Proc",
+    "free_port",
+    "free_port_pair",
+    "rss_bytes",
+    "start_proxy",
+    "start_stub",
+    "wait_http",
+]
 
 
 def free_port() -> int:
@@ -26,6 +34,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
+        return port
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 were both free a moment ago on 127.0.0.1: a KV events
+    endpoint, whose snapshot socket binds P + 1 by default."""
+    while True:
+        port = free_port()
+        if port >= 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
         return port
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from lmcache_disagg.bench.cluster import (
     Proc,
     free_port,
+    free_port_pair,
     rss_bytes,
     start_proxy,
     start_stub,
@@ -96,7 +97,7 @@ def _wait_generate(target: str, proc: Proc, timeout: float = 30.0) -> None:
 def _throughput(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     p_port, d_port = free_port(), free_port()
     procs: list[Proc] = []
-    events = {p_port: f"tcp://127.0.0.1:{free_port()}", d_port: f"tcp://127.0.0.1:{free_port()}"}
+    events = {port: f"tcp://127.0.0.1:{free_port_pair()}" for port in (p_port, d_port)}
 
     def stub_flags(port: int) -> list[str]:
         if not args.cache_aware:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lmcache_disagg.bench.cluster import Proc, free_port, start_stub, wait_http
-from tests.proxy.utils import Cluster, Stub, wait_for
+from lmcache_disagg.bench.cluster import Proc, free_port, free_port_pair, start_stub, wait_http
+from tests.proxy.utils import Cluster, ProxyHandle, Stub, sse_events, wait_for
 
 PROMPT = "The river ran quietly through the valley, past farms, mills and small towns. " * 6
 
@@ -21,7 +23,7 @@ def cache_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluste
     procs: list[Proc] = []
     try:
         for name in ("p0", "d0", "d1"):
-            port, events_port = free_port(), free_port()
+            port, events_port = free_port(), free_port_pair()
             role = "prefill" if name.startswith("p") else "decode"
             endpoint = f"tcp://127.0.0.1:{events_port}"
             # --model: /v1/models names the local model directory, where the proxy finds the
@@ -31,30 +33,42 @@ def cache_cluster(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Cluste
             proc = start_stub(role, port, tmp_path, extra)
             procs.append(proc)
             stubs[name] = Stub(name, port, proc)
-            events[name] = f"{stubs[name].addr}={endpoint},snapshot=tcp://127.0.0.1:{free_port()}"
+            events[name] = f"{stubs[name].addr}={endpoint}"
         for stub in stubs.values():
             wait_http(f"{stub.url}/health", proc=stub.proc)
-        yield Cluster(stubs, tmp_path), events
+        cluster = Cluster(stubs, tmp_path)
+        try:
+            yield cluster, events
+        finally:
+            cluster.stop_all()
     finally:
         for proc in procs:
             proc.stop()
 
 
-def _chat(text: str) -> dict[str, Any]:
+def _chat(text: str, **extra: Any) -> dict[str, Any]:
     return {"model": "stub-model", "max_tokens": 4,
-            "messages": [{"role": "user", "content": text}]}  # fmt: skip
+            "messages": [{"role": "user", "content": text}], **extra}  # fmt: skip
+
+
+def _cache_aware_flags(events: dict[str, str]) -> list[str]:
+    # No snapshot endpoint given: the stubs' publishers bind the default, the events port + 1.
+    flags = ["--policy", "cache_aware"]
+    for name in ("p0", "d0", "d1"):
+        flags += ["--kv-events", events[name]]
+    return flags
+
+
+def _holder(cluster: Cluster) -> str:
+    (name,) = [n for n in ("d0", "d1") if cluster[n].requests()]
+    return name
 
 
 def test_second_request_goes_where_the_prefix_is_and_skips_p(
     cache_cluster: tuple[Cluster, dict[str, str]], tiny_model_dir: Path
 ) -> None:
     cluster, events = cache_cluster
-    # The snapshot port given must be the one each stub's publisher binds: port + 1 by default.
-    flags = ["--policy", "cache_aware"]
-    for name in ("p0", "d0", "d1"):
-        addr, _, endpoint = events[name].partition("=")
-        flags += ["--kv-events", f"{addr}={endpoint.partition(',')[0]}"]
-    proxy = cluster.proxy(("p0",), ("d0", "d1"), flags)
+    proxy = cluster.proxy(("p0",), ("d0", "d1"), _cache_aware_flags(events))
     assert wait_for(
         lambda: proxy.metric("lmcache_proxy_kv_event_sources", state="synced") == 3, timeout=15
     )
@@ -105,3 +119,98 @@ def test_bad_cache_aware_flags_exit_2(flags: list[str], message: str) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _same_time(text: str) -> str:
+    return re.sub(r'"created":\d+', '"created":0', text)
+
+
+def _timeless(events: list[Any]) -> list[Any]:
+    return [{k: v for k, v in e.items() if k != "created"} for e in events]
+
+
+def _stream(proxy: ProxyHandle, rid: str, **extra: Any) -> str:
+    resp = proxy.post("/v1/chat/completions", _chat(PROMPT, stream=True, **extra),
+                      headers={"X-Request-Id": rid})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    return resp.text
+
+
+def test_streamed_answers_measure_actual_hits_and_keep_the_clients_stream(
+    cache_cluster: tuple[Cluster, dict[str, str]],
+) -> None:
+    """A streamed answer's usage event feeds the actual-hit metric. A client that did not ask for
+    usage still gets exactly the stream it asked for: the proxy asks D for the usage event and
+    drops it again, so the bytes equal those of a run without cache_aware."""
+    cluster, events = cache_cluster
+    proxy = cluster.proxy(("p0",), ("d0", "d1"), _cache_aware_flags(events))
+    assert wait_for(
+        lambda: proxy.metric("lmcache_proxy_kv_event_sources", state="synced") == 3, timeout=15
+    )
+    first = _stream(proxy, "s-1")
+    assert sse_events(first)[-1] == "[DONE]" and '"usage"' not in first
+    holder = _holder(cluster)
+    (d_req,) = cluster[holder].requests()
+    assert d_req["body"]["stream_options"] == {"include_usage": True}, "asked for the client"
+    assert proxy.metric("lmcache_proxy_actual_hit_tokens_count") == 1
+    assert proxy.metric("lmcache_proxy_actual_hit_tokens_sum") == 0, "all of it was pushed"
+    # The index learns the holder's chunks: the next stream goes there without P, and the hit it
+    # really had (from the stripped usage event) is what the index predicted.
+    assert wait_for(lambda: proxy.metric("lmcache_proxy_kv_index_keys") > 0, timeout=10)
+    second = _stream(proxy, "s-2")
+    assert '"usage"' not in second and len(cluster[holder].requests()) == 2
+    assert len(cluster["p0"].requests()) == 1, "P skipped"
+    assert proxy.metric("lmcache_proxy_actual_hit_tokens_count") == 2
+    actual = proxy.metric("lmcache_proxy_actual_hit_tokens_sum")
+    assert actual > 0 and actual == proxy.metric("lmcache_proxy_predicted_hit_tokens_sum")
+    # A client that asked for usage gets the one usage event, D's report in it.
+    asked = sse_events(_stream(proxy, "s-3", stream_options={"include_usage": True}))
+    usage_events = [e for e in asked[:-1] if "usage" in e]
+    assert asked[-1] == "[DONE]" and len(usage_events) == 1 and usage_events[0]["choices"] == []
+    assert usage_events[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == actual
+    assert proxy.metric("lmcache_proxy_actual_hit_tokens_count") == 3
+    assert proxy.metric("lmcache_proxy_actual_hit_tokens_sum") == 2 * actual
+    # continuous_usage_stats without include_usage: the request reaches D as the client sent it.
+    _stream(proxy, "s-4", stream_options={"continuous_usage_stats": True})
+    assert cluster[holder].requests()[-1]["body"]["stream_options"] == {
+        "continuous_usage_stats": True
+    }
+    assert proxy.metric("lmcache_proxy_actual_hit_tokens_count") == 3, "no usage came"
+
+    # The same requests through a proxy without cache_aware: the same bytes (but the time).
+    plain = cluster.proxy(("p0",), ("d0", "d1"))
+    assert _same_time(_stream(plain, "s-1")) == _same_time(first)
+    assert _same_time(_stream(plain, "s-2")) == _same_time(second)
+    reference = sse_events(_stream(plain, "s-3", stream_options={"include_usage": True}))
+    assert reference[-1] == "[DONE]" and _timeless(reference[:-2]) == _timeless(asked[:-2])
+
+
+def test_every_process_of_a_multiprocess_proxy_routes_by_the_full_index(
+    cache_cluster: tuple[Cluster, dict[str, str]],
+) -> None:
+    """--workers 2: each process subscribes to every worker's events itself, so requests on
+    either process go to the D that holds the prefix."""
+    cluster, events = cache_cluster
+    proxy = cluster.proxy(("p0",), ("d0", "d1"), [*_cache_aware_flags(events), "--workers", "2"])
+    # Counters add up over the processes: 6 resyncs = both processes synced all three sources.
+    assert wait_for(lambda: proxy.metric("lmcache_proxy_kv_resyncs_total") >= 6, timeout=15)
+    assert proxy.post("/v1/chat/completions", _chat(PROMPT)).status_code == 200
+    holder = _holder(cluster)
+    # P and the holder each published one stored event; both processes applied both.
+    assert wait_for(lambda: proxy.metric("lmcache_proxy_kv_events_received_total") >= 4, timeout=10)
+    # Request ids start with a per-process prefix. Both processes accept from one listening
+    # socket, and which one takes a connection is up to the kernel: send concurrent batches (a
+    # new connection each) until both have served some. At most 3 others in flight on one
+    # process keep the holder's load term (0.25 x 217 tokens each) below the 208 cached tokens.
+    processes: set[str] = set()
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(50):
+            codes = pool.map(lambda _: proxy.post("/v1/chat/completions", _chat(PROMPT)), range(4))
+            assert [c.status_code for c in codes] == [200] * 4
+            processes = {r["request_id"].rpartition("-")[0] for r in cluster[holder].requests()[1:]}
+            if len(processes) == 2:
+                break
+    assert len(processes) == 2, "both processes served requests"
+    served = len(cluster[holder].requests())
+    assert served > 1 and not cluster["d1" if holder == "d0" else "d0"].requests()
+    assert len(cluster["p0"].requests()) == 1, "P skipped on both processes"
