@@ -49,7 +49,6 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcache_disagg.bench.cluster import Proc, free_port, start_proxy, start_stub, wait_http
+from lmcache_disagg.bench.cluster import Proc, free_port, free_port_pair, start_proxy, start_stub, wait_http
 from lmcache_disagg.bench.proxy import router_binary
 from lmcache_disagg.bench.stub_cache import STUB_FINGERPRINT
 from lmcache_disagg.proxy.cache_aware import CacheAwareSettings, Candidate, choose
@@ -354,15 +353,6 @@ def _proxy_metrics(addr: str) -> dict[str, float]:
     return out
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def _worker_ports(count: int) -> list[tuple[int, int]]:
     """(HTTP port, KV-events port) per worker, all distinct; the events port + 1 (its snapshot
     socket) is free and distinct too."""
@@ -372,9 +362,9 @@ def _worker_ports(count: int) -> list[tuple[int, int]]:
     while len(out) < count:
         if time.monotonic() > deadline:
             raise RuntimeError("no free loopback ports for the stub workers")
-        http, events = free_port(), free_port()
+        http, events = free_port(), free_port_pair()
         wanted = {http, events, events + 1}
-        if len(wanted) == 3 and not wanted & taken and _port_free(events + 1):
+        if len(wanted) == 3 and not wanted & taken:
             taken |= wanted
             out.append((http, events))
     return out
