@@ -59,7 +59,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcache_disagg.bench.cluster import Proc, free_port, free_port_pair, start_proxy, start_stub, wait_http
+from lmcache_disagg.bench.cluster import (
+    Proc,
+    free_port,
+    free_port_pair,
+    start_proxy,
+    start_stub,
+    wait_http,
+)
 from lmcache_disagg.bench.proxy import router_binary
 from lmcache_disagg.bench.stub_cache import STUB_FINGERPRINT
 from lmcache_disagg.proxy.cache_aware import CacheAwareSettings, Candidate, choose
