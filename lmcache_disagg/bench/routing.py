@@ -364,7 +364,7 @@ def _worker_ports(count: int) -> list[tuple[int, int]]:
     """(HTTP port, KV-events port) per worker, all distinct; the events port + 1 (its snapshot
     socket) is free and distinct too."""
     taken: set[int] = set()
-    out = []
+    out: list[tuple[int, int]] = []
     deadline = time.monotonic() + 10
     while len(out) < count:
         if time.monotonic() > deadline:
