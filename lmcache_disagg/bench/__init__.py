@@ -5,8 +5,9 @@
 * :mod:`.e2e`      - monolithic vLLM vs our PD vs stock NixlConnector behind our proxy.
 * :mod:`.proxy`    - the proxy against vllm-router on stub workers (:mod:`.stub_worker`,
   :mod:`.loadgen`), the fault soak and the upstream-client comparison (:mod:`.clients`).
-* :mod:`.routing`  - routing policies on a multi-round chat workload (simulated D workers, real
-  KV events, subscriber, index and policy).
+* :mod:`.routing`  - routing policies on a multi-round chat over real HTTP (the proxy's policies,
+  vllm-router's ``cache_aware`` and an exact oracle on stub D's with real KV events);
+  :mod:`.routing_sim` is the same comparison in virtual time; :mod:`.routing_stats` their figures.
 * :mod:`.cache`    - TTFT cold vs warm from each tier of the chunk store, the scatter limit, the
   storing overhead and a multi-round chat with and without the cache.
 

@@ -49,7 +49,6 @@ import json
 import os
 import random
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -68,6 +67,7 @@ from lmcache_disagg.bench.cluster import (
     wait_http,
 )
 from lmcache_disagg.bench.proxy import router_binary
+from lmcache_disagg.bench.routing_stats import parse_range, policy_figures
 from lmcache_disagg.bench.stub_cache import STUB_FINGERPRINT
 from lmcache_disagg.proxy.cache_aware import CacheAwareSettings, Candidate, choose
 
@@ -203,16 +203,8 @@ class _Result:
     proxy_metrics: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        ttfts = sorted(self.ttfts)
-        mean_requests = statistics.fmean(self.per_worker) if self.per_worker else 0.0
         out: dict[str, Any] = {
-            "hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
-            "mean_ttft_ms": 1000 * statistics.fmean(ttfts) if ttfts else 0.0,
-            "p90_ttft_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]
-            if ttfts
-            else 0.0,
-            "load_imbalance": max(self.per_worker) / mean_requests if mean_requests else 0.0,
-            "requests_per_worker": self.per_worker,
+            **policy_figures(self.cached_tokens, self.prompt_tokens, self.ttfts, self.per_worker),
             "requests": self.requests,
             "errors": len(self.errors),
             "first_errors": self.errors[:3],
@@ -490,11 +482,6 @@ def run(
     return out
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(",")
-    return int(lo), int(hi or lo)
-
-
 def _print(out: dict[str, Any]) -> None:
     s = out["settings"]
     print(out["note"])
@@ -537,8 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=d.rounds)
     parser.add_argument("--system-words", type=int, default=d.system_words)
     parser.add_argument("--context-words", type=int, default=d.context_words)
-    parser.add_argument("--question-words", type=_range, default=d.question_words, metavar="LO,HI")
-    parser.add_argument("--answer-tokens", type=_range, default=d.answer_tokens, metavar="LO,HI")
+    parser.add_argument(
+        "--question-words", type=parse_range, default=d.question_words, metavar="LO,HI"
+    )
+    parser.add_argument(
+        "--answer-tokens", type=parse_range, default=d.answer_tokens, metavar="LO,HI"
+    )
     parser.add_argument("--think-s", type=float, default=d.think_s)
     parser.add_argument("--workers", type=int, default=d.workers, help="stub D workers")
     parser.add_argument("--cache-fraction", type=float, default=d.cache_fraction,

@@ -39,7 +39,6 @@ import argparse
 import heapq
 import json
 import random
-import statistics
 import sys
 import time
 from collections import OrderedDict
@@ -49,6 +48,7 @@ from typing import Any
 
 import xxhash
 
+from lmcache_disagg.bench.routing_stats import parse_range, policy_figures
 from lmcache_disagg.keys import chain_root, chunk_keys
 from lmcache_disagg.proxy.cache_aware import CacheAwarePolicy, CacheAwareSettings, Candidate, choose
 from lmcache_disagg.proxy.kvevents import EventSource, KVEventSubscriber
@@ -169,16 +169,8 @@ class _Result:
     wall_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        ttfts = sorted(self.ttfts)
-        mean_requests = statistics.fmean(self.per_worker) if self.per_worker else 0.0
         return {
-            "hit_rate": self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
-            "mean_ttft_ms": 1000 * statistics.fmean(ttfts) if ttfts else 0.0,
-            "p90_ttft_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]
-            if ttfts
-            else 0.0,
-            "load_imbalance": max(self.per_worker) / mean_requests if mean_requests else 0.0,
-            "requests_per_worker": self.per_worker,
+            **policy_figures(self.hit_tokens, self.prompt_tokens, self.ttfts, self.per_worker),
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
             "hit_tokens": self.hit_tokens,
@@ -375,11 +367,6 @@ def tokenize_cost(tokenizer_dir: str, s: BenchSettings) -> dict[str, float]:
     return out
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(",")
-    return int(lo), int(hi or lo)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lmcache-disagg bench routing --simulate", description=__doc__
@@ -396,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         help="per-user context before the first question (LMCache's user info)",
     )
     parser.add_argument(
-        "--question-tokens", type=_range, default=d.question_tokens, metavar="LO,HI"
+        "--question-tokens", type=parse_range, default=d.question_tokens, metavar="LO,HI"
     )
-    parser.add_argument("--answer-tokens", type=_range, default=d.answer_tokens, metavar="LO,HI")
+    parser.add_argument(
+        "--answer-tokens", type=parse_range, default=d.answer_tokens, metavar="LO,HI"
+    )
     parser.add_argument("--think-s", type=float, default=d.think_s)
     parser.add_argument("--workers", type=int, default=d.workers, help="simulated D workers")
     parser.add_argument(

@@ -11,6 +11,7 @@ import pytest
 
 from lmcache_disagg.bench.routing import main
 from lmcache_disagg.bench.routing_sim import POLICIES as SIM_POLICIES
+from lmcache_disagg.bench.routing_stats import parse_range, policy_figures
 
 
 def test_http_bench_json_smoke(tiny_model_dir: Path) -> None:
@@ -66,3 +67,11 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
+
+
+def test_policy_figures() -> None:
+    figures = policy_figures(30, 120, [0.3, 0.1, 0.2, 0.4], [3, 1])
+    assert figures["hit_rate"] == 0.25 and figures["load_imbalance"] == 1.5
+    assert abs(figures["mean_ttft_ms"] - 250.0) < 1e-9 and figures["p90_ttft_ms"] == 400.0
+    assert policy_figures(0, 0, [], [])["hit_rate"] == 0.0
+    assert parse_range("3,9") == (3, 9) and parse_range("4") == (4, 4)
