@@ -88,3 +88,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.path)).relative_to(REPO_ROOT / "tests").parts
         if parts and parts[0] in _REAL_VLLM_FOLDERS:
             item.add_marker(pytest.mark.vllm)
+
+
+@pytest.fixture
+def closers() -> Iterator[list[Callable[[], None]]]:
+    """Close callbacks a test registers; run in reverse order when it ends, pass or fail."""
+    items: list[Callable[[], None]] = []
+    yield items
+    for close in reversed(items):
+        close()

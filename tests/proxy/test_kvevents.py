@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import msgspec
-import pytest
 import zmq
 
 from lmcache_disagg.keys import chain_root, chunk_keys
@@ -51,14 +50,6 @@ def _publisher(
     endpoint = f"tcp://127.0.0.1:{port or 0}"
     settings = PublisherSettings(endpoint, heartbeat_interval=0.1, **kw)  # type: ignore[arg-type]
     return KVEventPublisher(settings, fp).start()
-
-
-@pytest.fixture
-def closers() -> Iterator[list[Callable[[], None]]]:
-    items: list[Callable[[], None]] = []
-    yield items
-    for close in reversed(items):
-        close()
 
 
 def _subscribe(

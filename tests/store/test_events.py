@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -143,14 +143,6 @@ def test_store_events_reach_the_proxy_index(tmp_path: Path) -> None:
 
 
 # -- L2: what the disk tier's index holds is what the proxy's index lists ----------------------
-@pytest.fixture
-def closers() -> Iterator[list[Callable[[], None]]]:
-    items: list[Callable[[], None]] = []
-    yield items
-    for close in reversed(items):
-        close()
-
-
 def _worker_events(
     closers: list[Callable[[], None]], port: int | None = None
 ) -> tuple[KVEventPublisher, KVIndex, KVEventSubscriber]:
