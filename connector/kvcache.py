@@ -47,14 +47,27 @@ def _layer_index(name: str) -> int:
     return int(found[-1])
 
 
-def _cpu_isa_ok(layout: KVLayout) -> bool:
-    """The ``cpu`` kind matches vLLM's ``vec``/``vec16`` ISAs only (not AMX, see kernels)."""
+def _vllm_cpu_isa(dtype: torch.dtype, block_size: int, head_dim: int) -> str | None:
+    """The attention ISA vLLM's CPU backend picks for this cache (None without vLLM's CPU backend)."""
     try:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     except ImportError:
-        return True
-    isa = _get_attn_isa(layout.dtype, layout.block_size, layout.head_dim)
-    return isa in ("vec", "vec16")
+        return None
+    return str(_get_attn_isa(dtype, block_size, head_dim))
+
+
+def _cpu_kind(isa: str | None) -> str:
+    """The layout kind of vLLM's CPU KV cache under ``isa`` (see kernels.layouts).
+
+    ``vec``/``vec16`` store K transposed (the ``cpu`` kind), ``amx`` (Intel AMX hosts, bf16,
+    block_size % 32 == 0) packs K and V in tiles (``cpu_amx``). Other ISAs (ARM, Power, ...) could
+    not be checked, so the connector refuses them and everything is recomputed.
+    """
+    if isa is None or isa in ("vec", "vec16"):
+        return "cpu"
+    if isa == "amx":
+        return "cpu_amx"
+    raise UnsupportedLayout(f"vLLM picked the CPU attention ISA {isa!r}, whose KV layout is not supported")
 
 
 def describe_kv_caches(
@@ -65,9 +78,11 @@ def describe_kv_caches(
     tp_rank: int,
     tp_size: int,
     use_mla: bool,
+    cpu_isa: str | None = None,
 ) -> WorkerKV:
     """Order the caches by layer, pick the layout kind and build the fingerprint.
 
+    ``cpu_isa`` is the CPU attention ISA of a CPU cache; by default, the one vLLM picks for it.
     Raises UnsupportedLayout (the connector then stays inactive and everything is recomputed).
     """
     if not kv_caches:
@@ -93,8 +108,15 @@ def describe_kv_caches(
             errors.append(str(exc))
     if layout is None:
         raise UnsupportedLayout("; ".join(errors))
-    if layout.kind == "cpu" and not _cpu_isa_ok(layout):
-        raise UnsupportedLayout("vLLM picked a CPU attention ISA whose KV layout is not supported")
+    if layout.kind == "cpu":
+        if cpu_isa is None:
+            cpu_isa = _vllm_cpu_isa(layout.dtype, layout.block_size, layout.head_dim)
+        kind = _cpu_kind(cpu_isa)
+        if kind != layout.kind:
+            try:
+                layout = KVLayout.from_cache(kind, first)  # type: ignore[arg-type]
+            except LayoutError as exc:
+                raise UnsupportedLayout(str(exc)) from exc
     for tensor in caches[1:]:
         try:
             layout.check_cache(tensor)

@@ -266,8 +266,10 @@ def test_check_names_the_differing_fingerprint_field(cluster: Cluster) -> None:
         "--prefill", cluster.prefill.address,
         "--decode", f"{cluster.decode_bf16.address},kv={cluster.kv_bf16}",
     )  # fmt: skip
-    assert done.returncode == 1
-    (problem,) = _problems(done)
+    assert done.returncode == 1, done.stderr
+    problems = _problems(done)
+    assert len(problems) == 1, problems
+    (problem,) = problems
     assert "KV layout fingerprint mismatch (dtype: P 'float32' != D 'bfloat16')" in problem
     assert "--dtype" in problem
 

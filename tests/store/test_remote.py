@@ -259,10 +259,13 @@ def test_long_prompts_need_no_more_connections_than_the_pool(
     redis_server: RedisServer, redis_cluster: RedisCluster
 ) -> None:
     prompt = tokens(40 * CHUNK)
+    # This is about the connection count, not latency: a generous deadline, so a busy CI host's
+    # first connect plus 40 pipelined EXISTS never reads as a timeout fault.
+    fields: dict[str, object] = {"remote_max_connections": 2, "remote_timeout": 5.0}
     for url, cluster in ((redis_server.url, False), (redis_cluster.url, True)):
-        written = _write(url, prompt, remote_cluster=cluster, remote_max_connections=2)
+        written = _write(url, prompt, remote_cluster=cluster, **fields)
         assert written.total("faults", Tier.L3) == 0
-        store, metrics = _open(url, remote_cluster=cluster, remote_max_connections=2)
+        store, metrics = _open(url, remote_cluster=cluster, **fields)
         hit = _lookup(store, prompt, "long")
         assert hit.num_tokens == len(prompt)
         store.release("long")
