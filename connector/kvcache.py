@@ -67,7 +67,9 @@ def _cpu_kind(isa: str | None) -> str:
         return "cpu"
     if isa == "amx":
         return "cpu_amx"
-    raise UnsupportedLayout(f"vLLM picked the CPU attention ISA {isa!r}, whose KV layout is not supported")
+    raise UnsupportedLayout(
+        f"vLLM picked the CPU attention ISA {isa!r}, whose KV layout is not supported"
+    )
 
 
 def describe_kv_caches(
