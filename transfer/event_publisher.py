@@ -250,13 +250,15 @@ class KVEventPublisher:
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.MAXMSGSIZE, _SNAPSHOT_REQUEST_MAX)
             router.setsockopt(zmq.SNDHWM, 64)
-            self.endpoint = _bind(pub, self._settings.endpoint)
+            # Both binds share most of start()'s wait, so a port still held fails start() by name.
+            deadline = time.monotonic() + 0.8 * self._settings.start_timeout
+            self.endpoint = _bind(pub, self._settings.endpoint, deadline)
             wanted = self._settings.snapshot_endpoint or (
                 self._settings.endpoint.rpartition(":")[0] + ":0"
                 if self._settings.endpoint.endswith(":0")
                 else snapshot_endpoint_for(self._settings.endpoint)
             )
-            self.snapshot_endpoint = _bind(router, wanted)
+            self.snapshot_endpoint = _bind(router, wanted, deadline)
         except (zmq.ZMQError, ValueError) as exc:
             self._error = exc
             pub.close()
@@ -388,11 +390,24 @@ class KVEventPublisher:
             self._stats.bad_requests += 1
 
 
-def _bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
+def _bind(sock: zmq.Socket[bytes], endpoint: str, deadline: float) -> str:
+    """Bind ``endpoint``; a fixed port still in use is retried until ``deadline`` (monotonic).
+
+    zmq closes a socket's listening fd asynchronously (on its I/O thread), so a publisher
+    restarted in the same process, or a worker restarted right after its predecessor exited, can
+    find its own port still held for a moment.
+    """
     head, port = split_endpoint(endpoint)
     if port == 0:
         sock.bind(f"{head}:*")
     else:
-        sock.bind(endpoint)
+        while True:
+            try:
+                sock.bind(endpoint)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
     bound = sock.getsockopt(zmq.LAST_ENDPOINT)
     return bound.decode() if isinstance(bound, bytes) else str(bound)

@@ -178,8 +178,19 @@ def test_tracked_keys_are_bounded() -> None:
 def test_bind_failure_is_an_error_not_a_hang() -> None:
     first = KVEventPublisher(PublisherSettings("tcp://127.0.0.1:0"), FP).start()
     try:
-        clash = KVEventPublisher(PublisherSettings(first.endpoint), FP)
+        clash = KVEventPublisher(PublisherSettings(first.endpoint, start_timeout=1.0), FP)
         with pytest.raises(OSError, match="cannot bind"):
             clash.start()
     finally:
         first.close()
+
+
+def test_a_publisher_restarted_on_its_port_binds_again() -> None:
+    """A worker restarted at once reuses its endpoints (zmq frees the old ones asynchronously)."""
+    first = KVEventPublisher(PublisherSettings("tcp://127.0.0.1:0"), FP).start()
+    endpoint, snapshot = first.endpoint, first.snapshot_endpoint
+    first.close()
+    for _ in range(20):
+        again = KVEventPublisher(PublisherSettings(endpoint, snapshot), FP).start()
+        assert (again.endpoint, again.snapshot_endpoint) == (endpoint, snapshot)
+        again.close()
