@@ -64,6 +64,9 @@ class WorkerIn(BaseModel):
     """``host:port`` of its HTTP server."""
     kv: str | None = None
     """Decode only: ``host:port`` of its KV listener (default: host + the configured port)."""
+    kv_events: str | None = None
+    """cache_aware: its KV events endpoint, ``tcp://HOST:PORT[,snapshot=tcp://HOST:PORT]``
+    (default: its host at the ``--kv-events auto`` port)."""
 
 
 class WorkerOut(BaseModel):
@@ -223,7 +226,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
     async def add_worker(spec: WorkerIn) -> WorkerAdded:
         """Add a worker (it takes traffic once its first health check passes)."""
         try:
-            worker = proxy.add_worker(spec.role, spec.http, spec.kv)
+            worker = proxy.add_worker(spec.role, spec.http, spec.kv, spec.kv_events)
         except ConfigError as exc:
             raise _Refused(proxy.error(400, str(exc), "invalid_request_error")) from None
         return WorkerAdded.model_validate({"added": worker.describe()})

@@ -5,6 +5,11 @@ snapshot endpoint, decodes and validates every message (:mod:`lmcache_disagg.tra
 and drives that worker's :class:`~lmcache_disagg.proxy.kvsync.SourceTracker`, which detects gaps,
 restarts and silence and asks for snapshots. Nothing here blocks the proxy's event loop: the
 thread polls with a short timeout, checks a stop event, and is joined in :meth:`close`.
+
+The set of sources can change at run time (:meth:`KVEventSubscriber.set_sources`, for workers
+added or removed through the proxy's ``/workers``): the change is recorded under the lock and the
+thread opens or closes sockets at its next poll round; a removed source's messages still queued
+are dropped, never applied.
 """
 
 from __future__ import annotations
@@ -84,6 +89,10 @@ class KVEventSubscriber:
         self._clock = clock
         self._lock = threading.Lock()
         self._trackers = {s.worker: SourceTracker(s.worker, index, self._settings) for s in sources}
+        self._retired = SourceCounters()
+        """Counters of removed sources, so the totals never go backwards."""
+        self._changed = False
+        """Set under the lock by :meth:`set_sources`; the thread reconciles its sockets."""
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,13 +114,38 @@ class KVEventSubscriber:
     def stats(self) -> SubscriberStats:
         with self._lock:
             totals = SourceCounters()
-            for tracker in self._trackers.values():
-                for f in fields(SourceCounters):
-                    setattr(
-                        totals, f.name, getattr(totals, f.name) + getattr(tracker.counters, f.name)
-                    )
+            for counters in (self._retired, *(t.counters for t in self._trackers.values())):
+                _accumulate(totals, counters)
             states = {name: tracker.state for name, tracker in self._trackers.items()}
         return SubscriberStats(totals, states)
+
+    def sources(self) -> tuple[EventSource, ...]:
+        with self._lock:
+            return tuple(self._specs)
+
+    def set_sources(self, sources: Sequence[EventSource]) -> None:
+        """Subscribe to exactly ``sources`` from now on (workers added or removed at run time).
+
+        A source that is new, or whose endpoints changed, starts from ``waiting`` (it resyncs from
+        a snapshot); a removed worker's entries leave the index. The thread applies the change
+        within one poll interval.
+        """
+        names = [source.worker for source in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"kv event sources name a worker twice: {names}")
+        with self._lock:
+            old = {spec.worker: spec for spec in self._specs}
+            for worker, spec in old.items():
+                if worker not in names or spec not in sources:
+                    _accumulate(self._retired, self._trackers.pop(worker).counters)
+                    self._index.drop_worker(worker)
+            for spec in sources:
+                if spec.worker not in self._trackers:
+                    self._trackers[spec.worker] = SourceTracker(
+                        spec.worker, self._index, self._settings
+                    )
+            self._specs = list(sources)
+            self._changed = True
 
     def synced(self, worker: str, seq: int | None = None) -> bool:
         """Whether ``worker``'s stream is applied (up to at least ``seq`` when given)."""
@@ -122,42 +156,71 @@ class KVEventSubscriber:
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        sources: list[_Source] = []
+        sources: dict[str, _Source] = {}
         poller = zmq.Poller()
         try:
-            for spec in self._specs:
-                sub = ctx.socket(zmq.SUB)
-                dealer = ctx.socket(zmq.DEALER)
-                for sock in (sub, dealer):
-                    sock.setsockopt(zmq.LINGER, 0)
-                    sock.setsockopt(zmq.MAXMSGSIZE, MAX_EVENT_MESSAGE)
-                sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
-                sub.setsockopt(zmq.RCVHWM, 10_000)
-                dealer.setsockopt(zmq.SNDHWM, 4)
-                sub.connect(spec.endpoint)
-                dealer.connect(spec.snapshot_endpoint)
-                poller.register(sub, zmq.POLLIN)
-                poller.register(dealer, zmq.POLLIN)
-                sources.append(_Source(spec, self._trackers[spec.worker], sub, dealer))
+            self._reconcile(ctx, poller, sources)
             self._ready.set()
             while not self._stop.is_set():
                 ready = dict(poller.poll(self._poll_ms))
-                for source in sources:
+                for source in sources.values():
                     if source.sub in ready:
                         self._drain_sub(source)
                     if source.dealer in ready:
                         self._drain_snapshots(source)
+                if self._changed:
+                    self._reconcile(ctx, poller, sources)
                 now = self._clock()
                 with self._lock:
-                    for source in sources:
+                    for source in sources.values():
+                        if not self._live_locked(source):
+                            continue  # removed by set_sources; its sockets go next round
                         source.tracker.tick(now)
                         if source.tracker.wants_snapshot(now):
                             self._request_snapshot(source, now)
         finally:
             self._ready.set()
-            for source in sources:
+            for source in sources.values():
                 source.sub.close()
                 source.dealer.close()
+
+    def _reconcile(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        poller: zmq.Poller,
+        sources: dict[str, _Source],
+    ) -> None:
+        """Make the thread's sockets match ``_specs`` (all of them on the first call)."""
+        with self._lock:
+            specs = {spec.worker: spec for spec in self._specs}
+            trackers = dict(self._trackers)
+            self._changed = False
+        for worker, source in list(sources.items()):
+            if specs.get(worker) != source.spec or trackers.get(worker) is not source.tracker:
+                for sock in (source.sub, source.dealer):
+                    poller.unregister(sock)
+                    sock.close()
+                del sources[worker]
+        for worker, spec in specs.items():
+            if worker in sources:
+                continue
+            sub = ctx.socket(zmq.SUB)
+            dealer = ctx.socket(zmq.DEALER)
+            for sock in (sub, dealer):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.MAXMSGSIZE, MAX_EVENT_MESSAGE)
+            sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+            sub.setsockopt(zmq.RCVHWM, 10_000)
+            dealer.setsockopt(zmq.SNDHWM, 4)
+            sub.connect(spec.endpoint)
+            dealer.connect(spec.snapshot_endpoint)
+            poller.register(sub, zmq.POLLIN)
+            poller.register(dealer, zmq.POLLIN)
+            sources[worker] = _Source(spec, trackers[worker], sub, dealer)
+
+    def _live_locked(self, source: _Source) -> bool:
+        """Whether ``source`` is still subscribed (a removed one must not touch the index)."""
+        return self._trackers.get(source.spec.worker) is source.tracker
 
     def _drain_sub(self, source: _Source) -> None:
         for _ in range(_MAX_PER_POLL):
@@ -166,6 +229,8 @@ class KVEventSubscriber:
             except zmq.Again:
                 return
             with self._lock:
+                if not self._live_locked(source):
+                    return
                 if len(frames) != 2 or frames[0] != TOPIC:
                     source.tracker.counters.invalid += 1
                     continue
@@ -184,6 +249,8 @@ class KVEventSubscriber:
             except zmq.Again:
                 return
             with self._lock:
+                if not self._live_locked(source):
+                    return
                 try:
                     if len(frames) != 1:
                         raise ValueError(f"{len(frames)} frames")
@@ -201,3 +268,8 @@ class KVEventSubscriber:
         with contextlib.suppress(zmq.Again):
             source.dealer.send(encode(SnapshotRequest()), flags=zmq.NOBLOCK)
         source.tracker.snapshot_requested(now)
+
+
+def _accumulate(totals: SourceCounters, counters: SourceCounters) -> None:
+    for f in fields(SourceCounters):
+        setattr(totals, f.name, getattr(totals, f.name) + getattr(counters, f.name))

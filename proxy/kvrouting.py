@@ -30,8 +30,11 @@ per process:
   event, loss, resync and invalid-message counters, which therefore count each published event
   once per process. The index and source-state gauges are the largest of any live process.
 
-The sources are fixed at start in every process: a worker added later through ``/workers`` has
-no event subscription, so the index never lists it and it is chosen by load alone.
+Workers added through ``/workers`` are followed too (:meth:`KVRouting.follow`): at the
+``kv_events`` endpoint given with them, else at their host's ``auto`` port; every process learns
+of them through the shared worker list, so each subscribes within one health interval. A removed
+worker's entries leave the index. With explicit ``--kv-events`` only and no ``auto``, a worker
+added without ``kv_events`` has no subscription and is chosen by load alone.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ __all__ = [
     "KVRoutingSettings",
     "KVRoutingStats",
     "KVRoutingStatsDelta",
+    "auto_event_source",
+    "auto_events_port",
     "event_sources",
     "parse_event_source",
     "reported_cached_tokens",
@@ -86,6 +91,25 @@ def parse_event_source(text: str) -> EventSource:
     return EventSource(worker.strip(), endpoint, snapshot)
 
 
+def auto_events_port(specs: Sequence[str]) -> int | None:
+    """The port of an ``auto[:PORT]`` value among ``--kv-events`` specs (None: none is auto)."""
+    port: int | None = None
+    for text in specs:
+        if text == "auto" or text.startswith("auto:"):
+            port_text = text.partition(":")[2] or str(DEFAULT_EVENTS_PORT)
+            if not port_text.isdigit() or not 0 < int(port_text) < 65535:
+                raise ConfigError(f"--kv-events {text!r}: expected auto or auto:PORT")
+            port = int(port_text)
+    return port
+
+
+def auto_event_source(worker: str, port: int) -> EventSource:
+    """The source of ``worker`` (``HOST:PORT`` of its HTTP server) at its host's events ``port``."""
+    host, _ = split_host_port(worker)
+    endpoint = f"tcp://{host}:{port}"
+    return EventSource(worker, endpoint, snapshot_endpoint_for(endpoint))
+
+
 def event_sources(specs: Sequence[str], workers: Sequence[str]) -> tuple[EventSource, ...]:
     """The sources of ``--kv-events`` values for the proxy's workers (their ``HOST:PORT``).
 
@@ -94,17 +118,9 @@ def event_sources(specs: Sequence[str], workers: Sequence[str]) -> tuple[EventSo
     configured worker.
     """
     sources: dict[str, EventSource] = {}
+    port = auto_events_port(specs)
     for text in specs:
         if text == "auto" or text.startswith("auto:"):
-            port_text = text.partition(":")[2] or str(DEFAULT_EVENTS_PORT)
-            if not port_text.isdigit() or not 0 < int(port_text) < 65535:
-                raise ConfigError(f"--kv-events {text!r}: expected auto or auto:PORT")
-            for worker in workers:
-                host, _ = split_host_port(worker)
-                endpoint = f"tcp://{host}:{port_text}"
-                sources.setdefault(
-                    worker, EventSource(worker, endpoint, snapshot_endpoint_for(endpoint))
-                )
             continue
         source = parse_event_source(text)
         if source.worker not in workers:
@@ -113,7 +129,10 @@ def event_sources(specs: Sequence[str], workers: Sequence[str]) -> tuple[EventSo
                 f"({', '.join(workers)})"
             )
         sources[source.worker] = source
-    return tuple(sources.values())
+    if port is not None:
+        for worker in workers:
+            sources.setdefault(worker, auto_event_source(worker, port))
+    return tuple(sorted(sources.values(), key=lambda s: workers.index(s.worker)))
 
 
 def reported_cached_tokens(body: bytes) -> int | None:
@@ -148,6 +167,8 @@ class KVRoutingSettings:
     index_max_keys: int = 1 << 18
     """About 400 bytes per key (two holders): the default bounds the index near 100 MiB."""
     tokenizer_cache_entries: int = 4096
+    auto_events_port: int | None = None
+    """Workers added at run time without their own events endpoint are followed at this port."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +235,35 @@ class KVRouting:
                 "model's tokenizer (--tokenizer DIR, or workers serving a local model directory)"
             )
         self.tokenizer = PromptTokenizer.from_dir(directory, self.settings.tokenizer_cache_entries)
+
+    def event_source(self, worker: str, kv_events: str | None = None) -> EventSource | None:
+        """Where ``worker``'s KV events come from: ``kv_events`` (``tcp://HOST:PORT``
+        ``[,snapshot=tcp://HOST:PORT]``) when given, else its start-up source, else its host at
+        the ``auto`` port; None when none applies. ConfigError for a bad ``kv_events``."""
+        if kv_events is not None:
+            try:
+                return parse_event_source(f"{worker}={kv_events}")
+            except ConfigError:
+                raise ConfigError(
+                    f"kv_events {kv_events!r}: expected tcp://HOST:PORT[,snapshot=tcp://HOST:PORT]"
+                ) from None
+        for source in self.settings.sources:
+            if source.worker == worker:
+                return source
+        if self.settings.auto_events_port is None:
+            return None
+        return auto_event_source(worker, self.settings.auto_events_port)
+
+    def follow(self, workers: Sequence[tuple[str, str | None]]) -> None:
+        """Subscribe to the events of exactly these ``(worker, kv_events)`` (the worker pool
+        after a ``/workers`` change); a worker no longer listed leaves the index."""
+        wanted: dict[str, EventSource] = {}
+        for worker, kv_events in workers:
+            source = self.event_source(worker, kv_events)
+            if source is not None:
+                wanted.setdefault(worker, source)
+        if set(wanted.values()) != set(self.subscriber.sources()):
+            self.subscriber.set_sources(tuple(wanted.values()))
 
     def start(self) -> KVRouting:
         self.subscriber.start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import itertools
 import logging
@@ -38,6 +39,7 @@ from lmcache_disagg.proxy.kvrouting import (
     KVRouting,
     KVRoutingSettings,
     KVRoutingStatsDelta,
+    auto_events_port,
     event_sources,
     tokenizer_dir_from_models,
 )
@@ -84,6 +86,7 @@ class ProxyApp:
         )
         self.flow = PDFlow(settings, self.router, self.client, self.metrics, self.kv)
         self._kv_synced = KVRoutingStatsDelta()
+        self._kv_exported_workers: set[str] = set()
         self._tokenizer_warned = False
         self.inflight = 0
         # Request ids: a random per-process prefix plus a counter (cheaper than uuid4 per request).
@@ -145,6 +148,7 @@ class ProxyApp:
             await asyncio.sleep(self.settings.health_interval)
             if self._shared is not None:
                 self._shared.load()  # new workers are probed by the round below
+                self._follow_kv_events()
             await self._check_all()
 
     async def _check_all(self) -> None:
@@ -191,6 +195,11 @@ class ProxyApp:
         m.kv_index_keys.set(stats.index_keys)
         for worker, keys in stats.worker_keys.items():
             m.kv_worker_keys.labels(worker).set(keys)
+        # A worker that expired or was removed has left the index: it lists no keys now (set to 0
+        # rather than removed, which prometheus_client's multiprocess mode cannot merge).
+        for worker in self._kv_exported_workers - stats.worker_keys.keys():
+            m.kv_worker_keys.labels(worker).set(0)
+        self._kv_exported_workers = set(stats.worker_keys)
         for state in SyncState:
             m.kv_sources.labels(state.value).set(
                 sum(1 for s in stats.sources.values() if s is state)
@@ -387,14 +396,29 @@ class ProxyApp:
         if self._shared is not None:
             for added in self._shared.load():
                 self._probe(added)
+            self._follow_kv_events()
 
-    def add_worker(self, role: Role, http: str, kv: str | None) -> Worker:
-        """Raises ConfigError for a bad address."""
+    def _follow_kv_events(self) -> None:
+        """cache_aware: subscribe to the KV events of exactly the workers in the pool."""
+        if self.kv is not None:
+            self.kv.follow([(w.http, w.events) for w in self.pool])
+
+    def add_worker(
+        self, role: Role, http: str, kv: str | None, kv_events: str | None = None
+    ) -> Worker:
+        """Raises ConfigError for a bad address or events endpoint."""
         self._sync_shared()
         text = http if kv is None else f"{http},kv={kv}"
-        worker = self.pool.add(parse_worker_spec(role, text))
+        spec = parse_worker_spec(role, text)
+        if kv_events is not None:
+            if self.kv is None:
+                raise ConfigError("kv_events is used by --policy cache_aware only")
+            self.kv.event_source(spec.http, kv_events)  # validates it before anything changes
+            spec = dataclasses.replace(spec, events=kv_events)
+        worker = self.pool.add(spec)
         if self._shared is not None:
             self._shared.save()
+        self._follow_kv_events()
         self._probe(worker)
         return worker
 
@@ -403,6 +427,7 @@ class ProxyApp:
         removed = self.pool.remove(role, http)
         if removed and self._shared is not None:
             self._shared.save()
+        self._follow_kv_events()
         return removed
 
     def _probe(self, worker: Worker) -> None:
@@ -417,7 +442,12 @@ def _kv_routing(settings: ProxySettings) -> KVRouting | None:
     if settings.policy != "cache_aware":
         return None
     workers = [w.http for w in (*settings.prefill, *settings.decode)]
-    sources = event_sources(settings.kv_events or ("auto",), workers)
+    specs = settings.kv_events or ("auto",)
+    sources = event_sources(specs, workers)
     skip = settings.skip_prefill_chunks
     policy = CacheAwareSettings(skip_prefill_chunks=None if skip < 0 else skip)
-    return KVRouting(KVRoutingSettings(settings.tokenizer, sources, policy))
+    return KVRouting(
+        KVRoutingSettings(
+            settings.tokenizer, sources, policy, auto_events_port=auto_events_port(specs)
+        )
+    )

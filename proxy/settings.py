@@ -45,6 +45,9 @@ class WorkerSpec:
     role: Literal["prefill", "decode"]
     http: str
     kv: str
+    events: str | None = None
+    """cache_aware: its KV events endpoint (``tcp://HOST:PORT[,snapshot=tcp://HOST:PORT]``) when
+    added through ``/workers`` with one; None: the start-up ``--kv-events`` rules apply."""
 
     @property
     def base_url(self) -> str:

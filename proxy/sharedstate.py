@@ -12,6 +12,7 @@ Single-process proxies have no state file. Called only from the event loop; the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -45,10 +46,15 @@ class SharedWorkerList:
         try:
             entries = orjson.loads(self._path.read_bytes())
             specs = [
-                parse_worker_spec(e["role"], e["http"] + (f",kv={e['kv']}" if e.get("kv") else ""))
+                dataclasses.replace(
+                    parse_worker_spec(
+                        e["role"], e["http"] + (f",kv={e['kv']}" if e.get("kv") else "")
+                    ),
+                    events=_optional_str(e.get("events")),
+                )
                 for e in entries
             ]
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ConfigError):
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError, ConfigError):
             return []  # a torn or foreign file: keep the current list, retry next round
         self._seen = stat.st_mtime_ns
         return self._reconcile(specs)
@@ -64,7 +70,12 @@ class SharedWorkerList:
     def save(self) -> None:
         """Write this process's list (after an admin change)."""
         entries = [
-            {"role": w.role, "http": w.http, "kv": w.kv if w.role == "decode" else None}
+            {
+                "role": w.role,
+                "http": w.http,
+                "kv": w.kv if w.role == "decode" else None,
+                "events": w.events,
+            }
             for w in self._pool
         ]
         tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
@@ -72,3 +83,9 @@ class SharedWorkerList:
         os.replace(tmp, self._path)
         with contextlib.suppress(OSError):
             self._seen = self._path.stat().st_mtime_ns
+
+
+def _optional_str(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"expected a string, got {type(value).__name__}")

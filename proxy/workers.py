@@ -24,6 +24,7 @@ class Worker:
         "address",
         "base_url",
         "breaker",
+        "events",
         "healthy",
         "http",
         "inflight",
@@ -37,6 +38,7 @@ class Worker:
         self.role: Role = spec.role
         self.http = spec.http
         self.kv = spec.kv
+        self.events = spec.events
         self.base_url = spec.base_url
         self.address = split_host_port(spec.http)
         self.breaker = breaker

@@ -214,3 +214,61 @@ def test_every_process_of_a_multiprocess_proxy_routes_by_the_full_index(
     served = len(cluster[holder].requests())
     assert served > 1 and not cluster["d1" if holder == "d0" else "d0"].requests()
     assert len(cluster["p0"].requests()) == 1, "P skipped on both processes"
+
+
+def test_a_worker_added_through_workers_is_followed_on_every_process(
+    cache_cluster: tuple[Cluster, dict[str, str]],
+) -> None:
+    """POST /workers with kv_events: every process subscribes to the new D, routes the prefix it
+    holds there (P skipped); DELETE drops it from every process's index."""
+    import httpx
+
+    cluster, events = cache_cluster
+    admin = {"Authorization": "Bearer adm-kv-events"}
+    flags = ["--policy", "cache_aware", "--kv-events", events["p0"], "--kv-events", events["d0"]]
+    proxy = cluster.proxy(
+        ("p0",),
+        ("d0",),
+        [*flags, "--workers", "2"],
+        env={"LMCACHE_PROXY_ADMIN_KEY": "adm-kv-events"},
+    )
+    assert wait_for(
+        lambda: proxy.metric("lmcache_proxy_kv_event_sources", state="synced") == 2, timeout=15
+    )
+    d1 = cluster["d1"].addr
+    # d1 computed the conversation on its own before it joined: only its events can say so.
+    primed = httpx.post(f"{cluster['d1'].url}/v1/chat/completions", json=_chat(PROMPT), timeout=10)
+    assert primed.status_code == 200, primed.text
+    bad = httpx.post(proxy.url + "/workers", headers=admin, timeout=5,
+                     json={"role": "decode", "http": d1, "kv_events": "udp://x"})  # fmt: skip
+    assert bad.status_code == 400 and "kv_events 'udp://x': expected tcp://" in bad.text
+    endpoint = events["d1"].partition("=")[2]
+    added = httpx.post(proxy.url + "/workers", headers=admin, timeout=5,
+                       json={"role": "decode", "http": d1, "kv_events": endpoint})  # fmt: skip
+    assert added.status_code == 200, added.text
+    # livemax over the processes: the gauge is the largest of any process, so wait on requests.
+    assert wait_for(
+        lambda: proxy.metric("lmcache_proxy_kv_index_worker_keys", worker=d1) > 0, timeout=15
+    )
+    before_p = len(cluster["p0"].requests())
+    processes: set[str] = set()
+    sent = 0
+    while len(processes) < 2 and sent < 60:  # a new connection each, until both processes served
+        reply = proxy.post("/v1/chat/completions", _chat(PROMPT))
+        assert reply.status_code == 200, reply.text
+        sent += 1
+        processes = {r["request_id"].rpartition("-")[0] for r in cluster["d1"].requests()[1:]}
+    assert len(processes) == 2, "both processes followed d1's events"
+    assert len(cluster["d1"].requests()) == 1 + sent and not cluster["d0"].requests()
+    assert len(cluster["p0"].requests()) == before_p, "d1 held the prefix: P skipped"
+    gone = httpx.request("DELETE", proxy.url + "/workers", headers=admin, timeout=5,
+                         json={"role": "decode", "http": d1})  # fmt: skip
+    assert gone.status_code == 200
+    assert wait_for(
+        lambda: proxy.metric("lmcache_proxy_kv_index_worker_keys", worker=d1) == 0, timeout=15
+    )
+    assert wait_for(
+        lambda: proxy.metric("lmcache_proxy_kv_event_sources", state="synced") == 2, timeout=15
+    )
+    assert proxy.post("/v1/chat/completions", _chat(PROMPT)).status_code == 200
+    assert len(cluster["d0"].requests()) == 1 and len(cluster["d1"].requests()) == 1 + sent

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import pytest
 import zmq
 
 from lmcache_disagg.keys import chain_root, chunk_keys
@@ -197,6 +198,32 @@ def test_resync_after_publisher_restart(closers: list[Callable[[], None]]) -> No
     assert wait_until(lambda: sub.stats().totals.restarts == 1 and sub.synced("d0"))
     assert wait_until(lambda: index.prefix_chunks("d0", KEYS) == 2)
     assert index.worker_keys("d0") == 2 and index.tiers_of("d0", KEYS[0]) == ("l2",)
+
+
+def test_sources_added_and_removed_at_run_time(closers: list[Callable[[], None]]) -> None:
+    first, later = _publisher(), _publisher()
+    closers += [first.close, later.close]
+    index = KVIndex()
+    sub = _subscribe(index, closers, ("d0", first))
+    first.stored(KEYS[:3], "l1")
+    later.stored(KEYS[:4], "l2")  # before it is followed: only its snapshot carries this
+    assert wait_until(lambda: index.worker_keys("d0") == 3)
+    d0 = EventSource("d0", first.endpoint, first.snapshot_endpoint)
+    d1 = EventSource("d1", later.endpoint, later.snapshot_endpoint)
+    sub.set_sources([d0, d1])
+    assert wait_until(lambda: index.prefix_chunks("d1", KEYS) == 4 and sub.synced("d1"))
+    later.stored(KEYS[4:6], "l1")
+    assert wait_until(lambda: index.prefix_chunks("d1", KEYS) == 6)
+    received = sub.stats().totals.events
+    sub.set_sources([d1])  # d0 leaves: its entries at once, and its later events never land
+    assert index.worker_keys("d0") == 0 and set(sub.stats().states) == {"d1"}
+    first.stored(KEYS[10:20], "l1")
+    later.stored(KEYS[6:7], "l1")
+    assert wait_until(lambda: index.prefix_chunks("d1", KEYS) == 7)
+    assert index.worker_keys("d0") == 0
+    assert sub.stats().totals.events >= received, "a removed source's counts are kept"
+    with pytest.raises(ValueError, match="twice"):
+        sub.set_sources([d1, d1])
 
 
 def test_heartbeat_expiry_drops_the_worker(closers: list[Callable[[], None]]) -> None:

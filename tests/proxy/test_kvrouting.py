@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from lmcache_disagg.proxy.kvrouting import (
     tokenizer_dir_from_models,
 )
 from lmcache_disagg.proxy.kvsync import SyncState
+from lmcache_disagg.proxy.settings import parse_worker_spec
+from lmcache_disagg.proxy.sharedstate import SharedWorkerList
+from lmcache_disagg.proxy.workers import WorkerPool
 from lmcache_disagg.transfer.event_publisher import KVEventPublisher, PublisherSettings
 from lmcache_disagg.transfer.protocol import LayoutFingerprint
 
@@ -93,6 +97,32 @@ def test_event_sources_auto_and_explicit() -> None:
     for bad in (["auto:x"], ["auto:0"], ["10.0.0.3:1=tcp://h:1"]):
         with pytest.raises(ConfigError):
             event_sources(bad, workers)
+
+
+def test_workers_added_at_run_time_get_an_event_source(tmp_path: Path) -> None:
+    explicit = parse_event_source("10.0.0.1:8100=tcp://10.0.0.1:7000")
+    for auto_port, expected in ((6000, "tcp://10.0.0.3:6000"), (None, None)):
+        routing = KVRouting(KVRoutingSettings(None, (explicit,), auto_events_port=auto_port))
+        assert routing.event_source("10.0.0.1:8100") == explicit, "the start-up source is kept"
+        new = routing.event_source("10.0.0.3:8300")
+        assert (new.endpoint if new else None) == expected
+        given = routing.event_source("10.0.0.3:8300", "tcp://10.0.0.4:9000,snapshot=tcp://h:9")
+        assert given is not None and given.snapshot_endpoint == "tcp://h:9"
+        with pytest.raises(ConfigError, match="kv_events 'udp://x': expected tcp://"):
+            routing.event_source("10.0.0.3:8300", "udp://x")
+        routing.follow([("10.0.0.1:8100", None), ("10.0.0.3:8300", "tcp://10.0.0.4:9000")])
+        followed = {s.worker: s.endpoint for s in routing.subscriber.sources()}
+        assert followed == {"10.0.0.1:8100": "tcp://10.0.0.1:7000",
+                            "10.0.0.3:8300": "tcp://10.0.0.4:9000"}  # fmt: skip
+        routing.follow([("10.0.0.3:8300", "tcp://10.0.0.4:9000")])
+        assert [s.worker for s in routing.subscriber.sources()] == ["10.0.0.3:8300"]
+    # The shared worker list of a --workers N proxy carries each worker's kv_events.
+    pool, other = WorkerPool(3, 1.0), WorkerPool(3, 1.0)
+    spec = parse_worker_spec("decode", "10.0.0.3:8300")
+    pool.add(dataclasses.replace(spec, events="tcp://10.0.0.4:9000"))
+    SharedWorkerList(tmp_path / "state.json", pool).save()
+    (loaded,) = SharedWorkerList(tmp_path / "state.json", other).load()
+    assert loaded.events == "tcp://10.0.0.4:9000" and loaded.http == "10.0.0.3:8300"
 
 
 def test_usage_and_model_discovery_helpers(tiny_model_dir: Path) -> None:
