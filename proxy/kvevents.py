@@ -78,17 +78,14 @@ class KVEventSubscriber:
         poll_interval: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        names = [source.worker for source in sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"kv event sources name a worker twice: {names}")
-        self._specs = list(sources)
         self._index = index
         self._settings = settings or SyncSettings()
         self._settings.validate()
         self._poll_ms = max(1, int(poll_interval * 1000))
         self._clock = clock
         self._lock = threading.Lock()
-        self._trackers = {s.worker: SourceTracker(s.worker, index, self._settings) for s in sources}
+        self._specs: list[EventSource] = []
+        self._trackers: dict[str, SourceTracker] = {}
         self._retired = SourceCounters()
         """Counters of removed sources, so the totals never go backwards."""
         self._changed = False
@@ -96,6 +93,7 @@ class KVEventSubscriber:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self.set_sources(sources)
 
     def start(self, timeout: float = 5.0) -> KVEventSubscriber:
         if self._thread is None:
@@ -134,11 +132,10 @@ class KVEventSubscriber:
         if len(set(names)) != len(names):
             raise ValueError(f"kv event sources name a worker twice: {names}")
         with self._lock:
-            old = {spec.worker: spec for spec in self._specs}
-            for worker, spec in old.items():
-                if worker not in names or spec not in sources:
-                    _accumulate(self._retired, self._trackers.pop(worker).counters)
-                    self._index.drop_worker(worker)
+            for spec in self._specs:
+                if spec not in sources:  # removed, or its endpoints changed
+                    _accumulate(self._retired, self._trackers.pop(spec.worker).counters)
+                    self._index.drop_worker(spec.worker)
             for spec in sources:
                 if spec.worker not in self._trackers:
                     self._trackers[spec.worker] = SourceTracker(
@@ -190,13 +187,16 @@ class KVEventSubscriber:
         poller: zmq.Poller,
         sources: dict[str, _Source],
     ) -> None:
-        """Make the thread's sockets match ``_specs`` (all of them on the first call)."""
+        """Make the thread's sockets match ``_specs`` (all of them on the first call).
+
+        :meth:`set_sources` gives a changed source a new tracker, so a socket pair whose tracker
+        is no longer the worker's is stale."""
         with self._lock:
             specs = {spec.worker: spec for spec in self._specs}
             trackers = dict(self._trackers)
             self._changed = False
         for worker, source in list(sources.items()):
-            if specs.get(worker) != source.spec or trackers.get(worker) is not source.tracker:
+            if trackers.get(worker) is not source.tracker:
                 for sock in (source.sub, source.dealer):
                     poller.unregister(sock)
                     sock.close()

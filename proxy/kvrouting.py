@@ -91,11 +91,15 @@ def parse_event_source(text: str) -> EventSource:
     return EventSource(worker.strip(), endpoint, snapshot)
 
 
+def _is_auto(text: str) -> bool:
+    return text == "auto" or text.startswith("auto:")
+
+
 def auto_events_port(specs: Sequence[str]) -> int | None:
     """The port of an ``auto[:PORT]`` value among ``--kv-events`` specs (None: none is auto)."""
     port: int | None = None
     for text in specs:
-        if text == "auto" or text.startswith("auto:"):
+        if _is_auto(text):
             port_text = text.partition(":")[2] or str(DEFAULT_EVENTS_PORT)
             if not port_text.isdigit() or not 0 < int(port_text) < 65535:
                 raise ConfigError(f"--kv-events {text!r}: expected auto or auto:PORT")
@@ -120,7 +124,7 @@ def event_sources(specs: Sequence[str], workers: Sequence[str]) -> tuple[EventSo
     sources: dict[str, EventSource] = {}
     port = auto_events_port(specs)
     for text in specs:
-        if text == "auto" or text.startswith("auto:"):
+        if _is_auto(text):
             continue
         source = parse_event_source(text)
         if source.worker not in workers:

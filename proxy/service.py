@@ -396,7 +396,6 @@ class ProxyApp:
         if self._shared is not None:
             for added in self._shared.load():
                 self._probe(added)
-            self._follow_kv_events()
 
     def _follow_kv_events(self) -> None:
         """cache_aware: subscribe to the KV events of exactly the workers in the pool."""

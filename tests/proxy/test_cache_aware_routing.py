@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from lmcache_disagg.bench.cluster import Proc, free_port, free_port_pair, start_stub, wait_http
@@ -221,8 +222,6 @@ def test_a_worker_added_through_workers_is_followed_on_every_process(
 ) -> None:
     """POST /workers with kv_events: every process subscribes to the new D, routes the prefix it
     holds there (P skipped); DELETE drops it from every process's index."""
-    import httpx
-
     cluster, events = cache_cluster
     admin = {"Authorization": "Bearer adm-kv-events"}
     flags = ["--policy", "cache_aware", "--kv-events", events["p0"], "--kv-events", events["d0"]]
